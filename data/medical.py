@@ -1,0 +1,92 @@
+"""Medical sources -> chat messages.
+
+One pure function per source schema; loading, validation, deduplication and the split live in
+`lora_recipes/data.py`. Evaluation-only sets (MedQA test, MedMCQA validation, PubMedQA pqa_labeled) are never
+trained on: the recipe reads the Hub's train split only and refuses the sets listed in EVAL_ONLY.
+"""
+
+from lora_recipes.data import DropRow, FieldError, Schema
+from lora_recipes.text import clean_text
+
+SYSTEM_PROMPT = (
+    "You are a careful medical assistant. Answer accurately and concisely. Your answers are for education and "
+    "are not a substitute for professional medical advice."
+)
+EVAL_ONLY = ("qiaojin/PubMedQA:pqa_labeled",)
+LETTERS = "ABCD"
+
+
+def _chat(user: str, assistant: str) -> dict:
+    return {"messages": [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": assistant},
+    ]}
+
+
+def _multiple_choice(question: str, options: dict[str, str]) -> str:
+    lines = [clean_text(question), ""] + [f"{letter}. {clean_text(text)}" for letter, text in options.items()]
+    return "\n".join(lines + ["", "Answer with the letter of the correct option."])
+
+
+def medqa_to_messages(example: dict) -> dict:
+    """GBaker/MedQA-USMLE-4-options: question, options {A..D}, answer_idx letter, answer (option text)."""
+    options = {letter: example["options"][letter] for letter in sorted(example["options"])}
+    if not options or not all(isinstance(v, str) for v in options.values()):
+        raise FieldError("options", "expected a mapping of letters to option texts")
+    letter = example["answer_idx"].strip()
+    if letter not in options:
+        raise FieldError("answer_idx", f"'{letter}' is not one of the options {', '.join(options)}")
+    return _chat(_multiple_choice(example["question"], options), f"{letter}. {clean_text(options[letter])}")
+
+
+def medmcqa_to_messages(example: dict) -> dict:
+    """openlifescienceai/medmcqa: question, opa..opd, cop 0-3 (-1 = unlabelled), exp (may be '' or 'None')."""
+    if example["cop"] == -1:
+        raise DropRow("unlabelled (cop = -1)")
+    if not 0 <= example["cop"] <= 3:
+        raise FieldError("cop", f"expected 0-3 (or -1 for unlabelled), got {example['cop']}")
+    options = dict(zip(LETTERS, (example["opa"], example["opb"], example["opc"], example["opd"])))
+    letter = LETTERS[example["cop"]]
+    answer = f"{letter}. {clean_text(options[letter])}"
+    explanation = clean_text(example.get("exp") or "")
+    if explanation and explanation != "None":
+        answer += f"\n\nExplanation: {explanation}"
+    return _chat(_multiple_choice(example["question"], options), answer)
+
+
+def pubmedqa_to_messages(example: dict) -> dict:
+    """qiaojin/PubMedQA (pqa_artificial): question, context {contexts, ...}, long_answer, final_decision."""
+    decision = example["final_decision"].strip().lower()
+    if decision not in ("yes", "no", "maybe"):
+        raise FieldError("final_decision", f"expected yes, no or maybe, got '{example['final_decision']}'")
+    contexts = example["context"].get("contexts")
+    if not isinstance(contexts, list) or not all(isinstance(c, str) for c in contexts):
+        raise FieldError("context.contexts", "expected a list of strings")
+    abstract = "\n".join(clean_text(c) for c in contexts)
+    user = f"Context:\n{abstract}\n\nQuestion: {clean_text(example['question'])}\nAnswer yes, no or maybe."
+    return _chat(user, f"{decision.capitalize()}. {clean_text(example['long_answer'])}")
+
+
+def flashcards_to_messages(example: dict) -> dict:
+    """medalpaca/medical_meadow_medical_flashcards: input (question), output (answer); instruction is constant."""
+    question, answer = clean_text(example["input"]), clean_text(example["output"])
+    if not question or not answer:
+        raise DropRow("empty question or answer")
+    return _chat(question, answer)
+
+
+def messages_to_messages(example: dict) -> dict:
+    """Data already in chat form: a `messages` list of {role, content}."""
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in example["messages"]]}
+
+
+SCHEMAS = [
+    Schema("medqa", {"question": str, "options": dict, "answer_idx": str}, medqa_to_messages),
+    Schema("medmcqa", {"question": str, "opa": str, "opb": str, "opc": str, "opd": str, "cop": int,
+                       "exp": (str, type(None))}, medmcqa_to_messages),
+    Schema("pubmedqa", {"question": str, "context": dict, "long_answer": str, "final_decision": str},
+           pubmedqa_to_messages),
+    Schema("flashcards", {"input": str, "output": str}, flashcards_to_messages),
+    Schema("messages", {"messages": list}, messages_to_messages),
+]

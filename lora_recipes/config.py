@@ -1,0 +1,79 @@
+"""One path for configuration: dataclass defaults -> the recipe's YAML -> CLI flags.
+
+The YAML keys are exactly the field names of `DataArguments` (below), TRL's `SFTConfig` and TRL's `ModelConfig`.
+Unknown keys fail loudly, and the cross-field checks run once, before any model or data loads.
+"""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RecipeError
+
+
+@dataclass
+class DataArguments:
+    """Where the training data comes from and how it is split."""
+
+    dataset_name: list[str] | None = field(
+        default=None,
+        metadata={"help": "Training sources: Hub ids (ID or ID:CONFIG; the train split is used) or local files or "
+                          "folders (.jsonl, .json, .csv, .parquet). Several sources form a mixture."},
+    )
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Share of the deduplicated rows held out for eval loss (seeded hash split)."}
+    )
+    max_rows_per_source: int | None = field(
+        default=None, metadata={"help": "Read at most this many rows of each source (quick looks, balancing)."}
+    )
+
+
+def parse_args(default_config: Path, argv: list[str] | None = None):
+    """Parse `--config FILE` (the recipe's own YAML when not given) and CLI overrides into the three dataclasses."""
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(default_config), *argv]
+    config_path = Path(argv[argv.index("--config") + 1])
+    if not config_path.is_file():
+        raise RecipeError(f"{config_path}: config file not found")
+    parser = TrlParser((DataArguments, SFTConfig, ModelConfig))
+    try:
+        data_args, training_args, model_args = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    except ValueError as e:  # unknown keys, 4-bit with 8-bit, bad values rejected by the dataclasses
+        raise RecipeError(f"{config_path} + command line: {str(e).strip().splitlines()[0]}") from None
+    check_args(data_args, training_args, model_args)
+    return data_args, training_args, model_args
+
+
+def check_args(data_args: DataArguments, training_args, model_args) -> None:
+    """Reject impossible combinations before anything heavy loads."""
+    problems = []
+    if not data_args.dataset_name:
+        problems.append("dataset_name is empty: give at least one Hub id or local file")
+    if not 0 <= data_args.eval_fraction < 1:
+        problems.append(f"eval_fraction must be in [0, 1), got {data_args.eval_fraction}")
+    if data_args.eval_fraction == 0 and training_args.eval_strategy != "no":
+        problems.append("eval_fraction is 0 but eval_strategy is not 'no': there would be nothing to evaluate")
+    if model_args.model_name_or_path is None:
+        problems.append("model_name_or_path is not set")
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        problems.append("load_in_4bit and load_in_8bit are both set: choose one")
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
+        problems.append("a quantised base cannot be trained directly: set use_peft true (QLoRA)")
+    if model_args.use_peft:
+        if model_args.lora_r <= 0:
+            problems.append(f"lora_r must be > 0, got {model_args.lora_r}")
+        if model_args.lora_alpha <= 0:
+            problems.append(f"lora_alpha must be > 0, got {model_args.lora_alpha}")
+        if not 0 <= model_args.lora_dropout < 1:
+            problems.append(f"lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
+    if training_args.learning_rate <= 0:
+        problems.append(f"learning_rate must be > 0, got {training_args.learning_rate}")
+    if training_args.max_length is not None and training_args.max_length <= 0:
+        problems.append(f"max_length must be > 0, got {training_args.max_length}")
+    if training_args.padding_free and not training_args.packing and training_args.max_length is not None:
+        problems.append("padding_free needs packing true or max_length null (TRL)")
+    if problems:
+        raise RecipeError("; ".join(problems))

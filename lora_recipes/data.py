@@ -1,0 +1,336 @@
+"""Load, validate, convert, deduplicate and split the sources of a domain.
+
+A domain module (`data/medical.py`, ...) declares its source schemas; everything else happens here, once for
+every domain:
+
+    source (Hub id[:config] or local file/folder)
+      -> rows read (.jsonl, .json array or lines, .csv, .parquet, or the Hub's train split)
+      -> schema detected from the columns
+      -> each row validated (missing or wrong-typed field: an error naming source, row and field)
+      -> converted to {"messages": [...]} by the schema's pure function (rows dropped on purpose are counted)
+      -> deduplicated on content across all sources
+      -> split into train/eval by a seeded hash (stable under reordering; a duplicate never straddles the split)
+"""
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RecipeError
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+ROLES = ("system", "user", "assistant")
+
+
+class DropRow(Exception):
+    """Raised by a converter for a row that is skipped on purpose; the message is the reason, and it is counted."""
+
+
+class FieldError(Exception):
+    """Raised by a converter for an invalid value; the data layer adds the source and the row."""
+
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(f"field '{field_name}': {problem}")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """One source format: the columns that identify it, their types, and its converter."""
+
+    name: str
+    fields: dict[str, type | tuple[type, ...]]  # required columns and their accepted types (detection uses the keys)
+    to_messages: Callable[[dict], dict]
+    split_key: Callable[[dict], str] | None = None  # rows sharing this key land on the same side of the split
+
+    def describe(self) -> str:
+        return f"{self.name} ({', '.join(self.fields)})"
+
+
+@dataclass
+class SourceReport:
+    source: str
+    schema: str
+    read: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count, duplicates included
+    train: int = 0
+    eval: int = 0
+
+
+@dataclass
+class PreparedData:
+    train: "datasets.Dataset"  # noqa: F821
+    eval: "datasets.Dataset | None"  # noqa: F821
+    sources: list[SourceReport]
+
+    def summary(self) -> str:
+        lines = [f"{'source':<60} {'schema':<11} {'read':>7} {'kept':>7} {'train':>7} {'eval':>6}  dropped"]
+        for s in self.sources:
+            dropped = ", ".join(f"{n} {reason}" for reason, n in s.dropped.items()) or "-"
+            lines.append(f"{s.source[-60:]:<60} {s.schema:<11} {s.read:>7} {s.kept:>7} {s.train:>7} {s.eval:>6}  "
+                         f"{dropped}")
+        lines.append(f"total: {sum(s.read for s in self.sources)} read, {len(self.train)} train, "
+                     f"{len(self.eval) if self.eval is not None else 0} eval")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading rows
+# ---------------------------------------------------------------------------------------------------------------
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: line {line}: bytes that are not UTF-8 at offset {e.start} (re-encode the file "
+                          "as UTF-8)") from None
+
+
+def _read_json_lines(path: Path, text: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise RecipeError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_json_array(path: Path, text: str) -> list[dict]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}; is the array cut "
+                          "short?)") from None
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise RecipeError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+def _read_table(path: Path) -> list[dict]:
+    import pyarrow as pa
+
+    try:
+        if path.suffix == ".csv":
+            import pyarrow.csv as pacsv
+
+            table = pacsv.read_csv(path)
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        problem = str(e).strip().splitlines()[0]
+        raise RecipeError(f"{path}: not a readable {path.suffix[1:]} file ({problem})") from None
+    return table.to_pylist()
+
+
+def read_file(path: Path) -> list[dict]:
+    """Rows of one local file, with errors that name the file and the line."""
+    if path.suffix in (".csv", ".parquet"):
+        rows = _read_table(path)
+    else:
+        text = _decode(path)
+        is_array = path.suffix == ".json" and text.lstrip().startswith("[")
+        rows = _read_json_array(path, text) if is_array else _read_json_lines(path, text)
+    if not rows:
+        raise RecipeError(f"{path}: the file has no rows")
+    return rows
+
+
+def local_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
+        if not files:
+            raise RecipeError(f"{path}: folder holds no {', '.join(LOCAL_SUFFIXES)} files")
+        return files
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise RecipeError(f"{path}: unsupported file type '{path.suffix}' (use {', '.join(LOCAL_SUFFIXES)})")
+    return [path]
+
+
+def load_hub_train_split(source: str):
+    """The train split of a Hub dataset `ID` or `ID:CONFIG`, with a one-line error when the Hub is out of reach."""
+    from datasets import load_dataset
+
+    repo_id, _, config = source.partition(":")
+    try:
+        return load_dataset(repo_id, name=config or None, split="train")
+    except Exception as e:  # datasets and huggingface_hub raise many types for "offline" and "not found"
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(
+            f"dataset '{source}': could not load its train split from the Hugging Face Hub ({problem[:200]}). "
+            "Offline? Pass a local file or folder with --dataset_name, or run the offline demo with a *_smoke.yaml "
+            "config"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schemas and validation
+# ---------------------------------------------------------------------------------------------------------------
+def detect_schema(columns, schemas: list[Schema], source: str) -> Schema:
+    """The most specific schema whose required columns are all present."""
+    matches = [s for s in schemas if set(s.fields) <= set(columns)]
+    if not matches:
+        supported = "; ".join(s.describe() for s in schemas)
+        raise RecipeError(f"{source}: unknown schema, columns {sorted(columns)}. Supported schemas: {supported}")
+    return max(matches, key=lambda s: len(s.fields))
+
+
+def _type_name(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def validate_row(row: dict, schema: Schema) -> None:
+    """Raise FieldError for a missing or wrong-typed required field."""
+    for name, types in schema.fields.items():
+        if name not in row:
+            raise FieldError(name, "missing")
+        value = row[name]
+        accepted = types if isinstance(types, tuple) else (types,)
+        # bool is an int in Python, but a label of True is a data error
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            shown = "null" if value is None else type(value).__name__
+            raise FieldError(name, f"expected {_type_name(types)}, got {shown}")
+
+
+def validate_messages(messages) -> None:
+    """Raise FieldError unless `messages` is a chat with at least one non-empty assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise FieldError("messages", "expected a non-empty list of {role, content} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise FieldError(f"messages[{i}].role", f"expected one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise FieldError(f"messages[{i}].content", "expected a string")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise FieldError("messages", "no assistant turn with content to learn from")
+
+
+def content_key(messages: list[dict]) -> str:
+    """What makes two examples the same: their user and assistant text, case and spacing ignored."""
+    text = "\x1f".join(m["content"] for m in messages if m["role"] != "system")
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int) -> dict:
+    try:
+        validate_row(row, schema)
+        messages = schema.to_messages(row)["messages"]
+        validate_messages(messages)
+    except DropRow as reason:
+        return {"messages": [], "split_key": "", "drop_reason": str(reason)}
+    except FieldError as e:
+        raise RecipeError(f"{source}: row {index + row_offset}: {e}") from None
+    split_key = schema.split_key(row) if schema.split_key else content_key(messages)
+    return {"messages": messages, "split_key": split_key, "drop_reason": ""}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One source, then the mixture
+# ---------------------------------------------------------------------------------------------------------------
+def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_proc: int | None):
+    """Convert one source; returns (Dataset of messages/split_key/drop_reason, schema)."""
+    from datasets import Dataset, concatenate_datasets
+
+    path = Path(source)
+    if path.exists():
+        parts = []
+        for file in local_files(path):
+            rows = read_file(file)[:max_rows]
+            schema = detect_schema(rows[0].keys(), schemas, str(file))
+            # validate before Arrow sees the rows: a wrong-typed value must name its row, not break the table
+            for number, row in enumerate(rows, start=1):
+                try:
+                    validate_row(row, schema)
+                except FieldError as e:
+                    raise RecipeError(f"{file}: row {number}: {e}") from None
+            columns = sorted(set().union(*(r.keys() for r in rows)))
+            table = Dataset.from_list([{c: r.get(c) for c in columns} for r in rows])
+            parts.append((table, schema, str(file)))
+    elif path.suffix in LOCAL_SUFFIXES or "/" not in source:
+        raise RecipeError(f"{source}: no such local file or folder (and not a Hub dataset id 'owner/name')")
+    else:
+        table = load_hub_train_split(source)
+        if max_rows is not None:
+            table = table.select(range(min(max_rows, len(table))))
+        parts = [(table, detect_schema(table.column_names, schemas, source), source)]
+
+    converted = []
+    for table, schema, name in parts:
+        converted.append(table.map(
+            _convert,
+            with_indices=True,
+            fn_kwargs={"schema": schema, "source": name, "row_offset": 1},
+            remove_columns=table.column_names,
+            num_proc=num_proc if num_proc and len(table) >= 1000 else None,
+            desc=f"Converting {Path(name).name}",
+        ))
+    schema_names = sorted({schema.name for _, schema, _ in parts})
+    return concatenate_datasets(converted), "+".join(schema_names)
+
+
+def _in_eval(split_key: str, seed: int, eval_fraction: float) -> bool:
+    digest = hashlib.sha256(f"{seed}\x1f{split_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+
+
+def prepare_data(
+    sources: list[str],
+    schemas: list[Schema],
+    eval_fraction: float = 0.05,
+    seed: int = 42,
+    max_rows_per_source: int | None = None,
+    num_proc: int | None = None,
+) -> PreparedData:
+    """Every source converted, validated, deduplicated across sources and split into train/eval."""
+    from datasets import Dataset
+
+    seen: set[str] = set()
+    train_rows, eval_rows, reports = [], [], []
+    for source in sources:
+        converted, schema_name = _load_source(source, schemas, max_rows_per_source, num_proc)
+        report = SourceReport(source=source, schema=schema_name, read=len(converted))
+        drops = Counter()
+        for example in converted:
+            if example["drop_reason"]:
+                drops[example["drop_reason"]] += 1
+                continue
+            key = content_key(example["messages"])
+            if key in seen:
+                drops["duplicate"] += 1
+                continue
+            seen.add(key)
+            if _in_eval(example["split_key"], seed, eval_fraction):
+                eval_rows.append({"messages": example["messages"]})
+                report.eval += 1
+            else:
+                train_rows.append({"messages": example["messages"]})
+                report.train += 1
+        report.kept = report.train + report.eval
+        report.dropped = dict(drops.most_common())
+        reports.append(report)
+
+    if not train_rows:
+        dropped = Counter()
+        for report in reports:
+            dropped.update(report.dropped)
+        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common()) or "no rows"
+        raise RecipeError(f"no training rows left from {', '.join(sources)} (dropped: {reasons})")
+    return PreparedData(
+        train=Dataset.from_list(train_rows),
+        eval=Dataset.from_list(eval_rows) if eval_rows else None,
+        sources=reports,
+    )

@@ -1,0 +1,99 @@
+"""Tokenizer and base model loading: the chat template that masks the loss, the EOS/pad check, quantisation."""
+
+from pathlib import Path
+
+from .errors import RecipeError
+
+# Distinct pad tokens that popular families ship without setting `pad_token` (Llama 3 has no pad token).
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
+
+
+def _hub_error(what: str, name: str, error: Exception) -> RecipeError:
+    problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(name).is_absolute() or name.startswith((".", "/")) or Path(name).exists():
+        hint = "check the local path"
+    else:
+        hint = ("offline or unreachable Hub? Pass a local folder with --model_name_or_path, or run the offline demo "
+                "with a *_smoke.yaml config")
+    return RecipeError(f"{what} '{name}': could not be loaded ({problem[:200]}); {hint}")
+
+
+def load_tokenizer(model_args, training_args):
+    """The tokenizer, with a chat template whose `{% generation %}` markers cover each assistant turn and its EOS."""
+    from transformers import AutoTokenizer
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+        is_chat_template_stop_token_trained,
+    )
+
+    name = model_args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise _hub_error("tokenizer", name, e) from None
+
+    if training_args.chat_template_path:
+        tokenizer.chat_template = Path(training_args.chat_template_path).read_text(encoding="utf-8")
+    if not tokenizer.chat_template:
+        raise RecipeError(f"tokenizer '{name}' has no chat template: use an instruct model, or pass "
+                          "--chat_template_path FILE.jinja (lora_recipes/chat_templates/chatml.jinja is an example)")
+    if training_args.assistant_only_loss:
+        if not has_generation_markers(tokenizer.chat_template):
+            try:
+                tokenizer.chat_template = get_training_chat_template(tokenizer)
+            except ValueError:
+                raise RecipeError(
+                    f"the chat template of '{name}' has no {{% generation %}} markers and TRL has no training "
+                    "template for this family: pass --chat_template_path FILE.jinja with markers around the "
+                    "assistant turns (see lora_recipes/chat_templates/chatml.jinja), or set assistant_only_loss "
+                    "false"
+                ) from None
+        if not is_chat_template_stop_token_trained(tokenizer):
+            raise RecipeError(f"the chat template of '{name}' leaves the end-of-turn token out of the assistant "
+                              "mask, so the model would never learn to stop: fix the template's generation markers")
+
+    # A pad token distinct from EOS keeps padding and end-of-turn apart in logs, generation and masks
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        for candidate in PAD_CANDIDATES:
+            if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                break
+    return tokenizer
+
+
+def quantization_config(model_args):
+    """BitsAndBytesConfig for 4-bit NF4 or 8-bit, or None for plain LoRA."""
+    from trl import get_quantization_config
+
+    return get_quantization_config(model_args)
+
+
+def load_model(model_args, training_args):
+    """The base model, quantised as configured, one device per process; weights from safetensors only."""
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM
+
+    quant = quantization_config(model_args)
+    # Quantised weights cannot be moved after loading: place them on this process's device from the start
+    device_map = None
+    if quant is not None and torch.cuda.is_available() and not training_args.use_cpu:
+        device_map = {"": PartialState().local_process_index}
+    name = model_args.model_name_or_path
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=model_args.model_revision,
+            dtype=model_args.dtype,
+            attn_implementation=model_args.attn_implementation,
+            quantization_config=quant,
+            device_map=device_map,
+            trust_remote_code=training_args.trust_remote_code,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as e:
+        raise _hub_error("model", name, e) from None
