@@ -46,7 +46,7 @@ def medmcqa_to_messages(example: dict) -> dict:
         raise DropRow("unlabelled (cop = -1)")
     if not 0 <= example["cop"] <= 3:
         raise FieldError("cop", f"expected 0-3 (or -1 for unlabelled), got {example['cop']}")
-    options = dict(zip(LETTERS, (example["opa"], example["opb"], example["opc"], example["opd"])))
+    options = dict(zip(LETTERS, (example["opa"], example["opb"], example["opc"], example["opd"]), strict=True))
     letter = LETTERS[example["cop"]]
     answer = f"{letter}. {clean_text(options[letter])}"
     explanation = clean_text(example.get("exp") or "")

@@ -4,7 +4,8 @@ Real run (GPU, Hugging Face Hub; defaults in recipes/configs/medical.yaml):
     accelerate launch recipes/sft_medical.py
 
 Offline demo (CPU, no network, tiny bundled model and synthetic samples, about a minute):
-    accelerate launch recipes/sft_medical.py --config recipes/configs/medical_smoke.yaml --output_dir outputs/medical-smoke
+    accelerate launch recipes/sft_medical.py --config recipes/configs/medical_smoke.yaml \
+        --output_dir outputs/medical-smoke
 
 Several GPUs (DDP), your own data, any setting from the YAML on the command line:
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/sft_medical.py \

@@ -17,7 +17,10 @@ def expected_lora_params(cfg: dict, r: int) -> int:
     return cfg["num_hidden_layers"] * sum(r * (i + o) for i, o in shapes)
 
 
-@pytest.mark.parametrize("name, low, high", [("llama-3.1-8b.json", 0.45, 0.6), ("qwen2.5-1.5b-instruct.json", 1.0, 1.3)])
+@pytest.mark.parametrize("name, low, high", [
+    ("llama-3.1-8b.json", 0.45, 0.6),  # ~0.52%: r=16 on all linear layers of an 8B model
+    ("qwen2.5-1.5b-instruct.json", 1.0, 1.3),
+])
 def test_lora_fraction_on_meta_device(name, low, high):
     from accelerate import init_empty_weights
     from peft import LoraConfig, get_peft_model

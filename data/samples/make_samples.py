@@ -78,7 +78,7 @@ def medqa_rows(rng: random.Random, n: int = 80) -> list[dict]:
             "question": f"A {age}-year-old {sex} presents with {finding}. The diagnosis is {condition}. "
                         "Which is the most appropriate first-line treatment?",
             "answer": treatment,
-            "options": dict(zip(LETTERS, options)),
+            "options": dict(zip(LETTERS, options, strict=True)),
             "meta_info": f"step2&3 ({SYNTHETIC})",
             "answer_idx": LETTERS[idx],
             "metamap_phrases": [f"{age}-year-old {sex}", finding, condition, "first-line treatment"],
