@@ -4,7 +4,8 @@ A domain module (`data/medical.py`, ...) declares its source schemas; everything
 every domain:
 
     source (Hub id[:config] or local file/folder)
-      -> rows read (.jsonl, .json array or lines, .csv, .parquet, or the Hub's train split)
+      -> rows read (.jsonl, .json array or lines, .csv, .parquet, `sentence@label` .txt lines, or the Hub's train
+         split)
       -> schema detected from the columns
       -> each row validated (missing or wrong-typed field: an error naming source, row and field)
       -> converted to {"messages": [...]} by the schema's pure function (rows dropped on purpose are counted)
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from .errors import RecipeError
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 ROLES = ("system", "user", "assistant")
 
 
@@ -136,10 +137,34 @@ def _read_table(path: Path) -> list[dict]:
     return table.to_pylist()
 
 
+def _read_labelled_lines(path: Path) -> list[dict]:
+    """`sentence@label` per line (the raw Financial PhraseBank files): columns `sentence` and `label`.
+
+    UTF-8, or latin-1 when the bytes are not UTF-8: the PhraseBank ships in latin-1, and latin-1 decodes any byte.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        sentence, at, label = line.rpartition("@")
+        if not at:
+            raise RecipeError(f"{path}: line {number}: expected 'sentence@label' (a .txt source holds one labelled "
+                              "sentence per line)")
+        rows.append({"sentence": sentence.strip(), "label": label.strip()})
+    return rows
+
+
 def read_file(path: Path) -> list[dict]:
     """Rows of one local file, with errors that name the file and the line."""
     if path.suffix in (".csv", ".parquet"):
         rows = _read_table(path)
+    elif path.suffix == ".txt":
+        rows = _read_labelled_lines(path)
     else:
         text = _decode(path)
         is_array = path.suffix == ".json" and text.lstrip().startswith("[")
