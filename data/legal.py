@@ -16,6 +16,7 @@ SYSTEM_PROMPT = (
 )
 EVAL_ONLY = ("coastalcph/lex_glue:case_hold:validation", "coastalcph/lex_glue:case_hold:test")
 HOLDING = "(<HOLDING>)"
+BLANK = "[HOLDING]"  # how the prompt shows the placeholder: "<HOLDING>" reads as an HTML tag, which cleaning removes
 LETTERS = "ABCDE"
 
 
@@ -28,7 +29,7 @@ def case_hold_to_messages(example: dict) -> dict:
         raise FieldError("endings", f"expected {len(LETTERS)} strings, got {len(endings)} items")
     if not 0 <= label < len(LETTERS):
         raise FieldError("label", f"expected 0-{len(LETTERS) - 1}, got {label}")
-    question = f"{context}\n\nWhich holding belongs where the citing text says {HOLDING}?"
+    question = f"{context.replace(HOLDING, BLANK)}\n\nWhich holding belongs where the citing text says {BLANK}?"
     letter = LETTERS[label]
     return chat(SYSTEM_PROMPT, multiple_choice(question, dict(zip(LETTERS, endings, strict=True))),
                 f"{letter}. {clean_text(endings[label])}")

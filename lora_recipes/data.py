@@ -266,45 +266,47 @@ def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int
 # ---------------------------------------------------------------------------------------------------------------
 # One source, then the mixture
 # ---------------------------------------------------------------------------------------------------------------
+def _converted_features():
+    """The columns every converted source has, typed up front: a file whose rows are all dropped still concatenates."""
+    from datasets import Features, List, Value
+
+    return Features({"messages": List({"role": Value("string"), "content": Value("string")}),
+                     "split_key": Value("string"), "drop_reason": Value("string")})
+
+
 def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_proc: int | None):
-    """Convert one source; returns (Dataset of messages/split_key/drop_reason, schema)."""
+    """Convert one source; returns (Dataset of messages/split_key/drop_reason, schema name)."""
     from datasets import Dataset, concatenate_datasets
 
     path = Path(source)
     if path.exists():
-        parts = []
+        converted, schema_names = [], set()
         for file in local_files(path):
             rows = read_file(file)[:max_rows]
             schema = detect_schema(rows[0].keys(), schemas, str(file))
-            # validate before Arrow sees the rows: a wrong-typed value must name its row, not break the table
-            for number, row in enumerate(rows, start=1):
-                try:
-                    validate_row(row, schema)
-                except FieldError as e:
-                    raise RecipeError(f"{file}: row {number}: {e}") from None
-            columns = sorted(set().union(*(r.keys() for r in rows)))
-            table = Dataset.from_list([{c: r.get(c) for c in columns} for r in rows])
-            parts.append((table, schema, str(file)))
-    elif path.suffix in LOCAL_SUFFIXES or "/" not in source:
+            # converted before Arrow sees the rows: a wrong-typed value, nested ones included, names its row instead of
+            # breaking the table, and the columns no converter reads may hold anything
+            converted.append(Dataset.from_list([_convert(row, i, schema, str(file), 1) for i, row in enumerate(rows)],
+                                               features=_converted_features()))
+            schema_names.add(schema.name)
+        return concatenate_datasets(converted), "+".join(sorted(schema_names))
+    if path.suffix in LOCAL_SUFFIXES or "/" not in source:
         raise RecipeError(f"{source}: no such local file or folder (and not a Hub dataset id 'owner/name')")
-    else:
-        table = load_hub_train_split(source)
-        if max_rows is not None:
-            table = table.select(range(min(max_rows, len(table))))
-        parts = [(table, detect_schema(table.column_names, schemas, source), source)]
 
-    converted = []
-    for table, schema, name in parts:
-        converted.append(table.map(
-            _convert,
-            with_indices=True,
-            fn_kwargs={"schema": schema, "source": name, "row_offset": 1},
-            remove_columns=table.column_names,
-            num_proc=num_proc if num_proc and len(table) >= 1000 else None,
-            desc=f"Converting {Path(name).name}",
-        ))
-    schema_names = sorted({schema.name for _, schema, _ in parts})
-    return concatenate_datasets(converted), "+".join(schema_names)
+    table = load_hub_train_split(source)
+    if max_rows is not None:
+        table = table.select(range(min(max_rows, len(table))))
+    schema = detect_schema(table.column_names, schemas, source)
+    converted = table.map(
+        _convert,
+        with_indices=True,
+        fn_kwargs={"schema": schema, "source": source, "row_offset": 1},
+        remove_columns=table.column_names,
+        features=_converted_features(),
+        num_proc=num_proc if num_proc and len(table) >= 1000 else None,
+        desc=f"Converting {source}",
+    )
+    return converted, schema.name
 
 
 def _in_eval(split_key: str, seed: int, eval_fraction: float) -> bool:
