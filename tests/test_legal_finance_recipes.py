@@ -11,11 +11,12 @@ DEMOS = {"legal": "law_stackexchange", "finance": "fingpt_sentiment"}
 
 @pytest.fixture(scope="module", params=sorted(DEMOS))
 def demo_run(request, tmp_path_factory):
-    """`accelerate launch recipes/sft_<domain>.py --config <domain>_smoke.yaml`, 20 steps: (domain, output_dir)."""
+    """`accelerate launch recipes/sft_<domain>.py --config <domain>_smoke.yaml`, 12 steps: (domain, output_dir)."""
     domain = request.param
     output_dir = tmp_path_factory.mktemp(f"{domain}-smoke")
     proc = run_recipe(f"recipes/sft_{domain}.py", "--config", f"recipes/configs/{domain}_smoke.yaml",
-                      "--output_dir", str(output_dir), "--max_steps", "20", "--eval_steps", "20", "--save_steps", "20")
+                      "--output_dir", str(output_dir), "--max_steps", "12", "--logging_steps", "3",
+                      "--eval_steps", "12", "--save_steps", "12")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return domain, output_dir
 
