@@ -5,6 +5,7 @@ One pure function per source schema; loading, validation, deduplication and the 
 trained on: the recipe reads the Hub's train split only and refuses the sets listed in EVAL_ONLY.
 """
 
+from lora_recipes.convert import MESSAGES, chat, multiple_choice
 from lora_recipes.data import DropRow, FieldError, Schema
 from lora_recipes.text import clean_text
 
@@ -16,19 +17,6 @@ EVAL_ONLY = ("qiaojin/PubMedQA:pqa_labeled",)
 LETTERS = "ABCD"
 
 
-def _chat(user: str, assistant: str) -> dict:
-    return {"messages": [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": user},
-        {"role": "assistant", "content": assistant},
-    ]}
-
-
-def _multiple_choice(question: str, options: dict[str, str]) -> str:
-    lines = [clean_text(question), ""] + [f"{letter}. {clean_text(text)}" for letter, text in options.items()]
-    return "\n".join(lines + ["", "Answer with the letter of the correct option."])
-
-
 def medqa_to_messages(example: dict) -> dict:
     """GBaker/MedQA-USMLE-4-options: question, options {A..D}, answer_idx letter, answer (option text)."""
     options = {letter: example["options"][letter] for letter in sorted(example["options"])}
@@ -37,7 +25,8 @@ def medqa_to_messages(example: dict) -> dict:
     letter = example["answer_idx"].strip()
     if letter not in options:
         raise FieldError("answer_idx", f"'{letter}' is not one of the options {', '.join(options)}")
-    return _chat(_multiple_choice(example["question"], options), f"{letter}. {clean_text(options[letter])}")
+    answer = f"{letter}. {clean_text(options[letter])}"
+    return chat(SYSTEM_PROMPT, multiple_choice(example["question"], options), answer)
 
 
 def medmcqa_to_messages(example: dict) -> dict:
@@ -52,7 +41,7 @@ def medmcqa_to_messages(example: dict) -> dict:
     explanation = clean_text(example.get("exp") or "")
     if explanation and explanation != "None":
         answer += f"\n\nExplanation: {explanation}"
-    return _chat(_multiple_choice(example["question"], options), answer)
+    return chat(SYSTEM_PROMPT, multiple_choice(example["question"], options), answer)
 
 
 def pubmedqa_to_messages(example: dict) -> dict:
@@ -65,7 +54,7 @@ def pubmedqa_to_messages(example: dict) -> dict:
         raise FieldError("context.contexts", "expected a list of strings")
     abstract = "\n".join(clean_text(c) for c in contexts)
     user = f"Context:\n{abstract}\n\nQuestion: {clean_text(example['question'])}\nAnswer yes, no or maybe."
-    return _chat(user, f"{decision.capitalize()}. {clean_text(example['long_answer'])}")
+    return chat(SYSTEM_PROMPT, user, f"{decision.capitalize()}. {clean_text(example['long_answer'])}")
 
 
 def flashcards_to_messages(example: dict) -> dict:
@@ -73,12 +62,7 @@ def flashcards_to_messages(example: dict) -> dict:
     question, answer = clean_text(example["input"]), clean_text(example["output"])
     if not question or not answer:
         raise DropRow("empty question or answer")
-    return _chat(question, answer)
-
-
-def messages_to_messages(example: dict) -> dict:
-    """Data already in chat form: a `messages` list of {role, content}."""
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in example["messages"]]}
+    return chat(SYSTEM_PROMPT, question, answer)
 
 
 SCHEMAS = [
@@ -88,5 +72,5 @@ SCHEMAS = [
     Schema("pubmedqa", {"question": str, "context": dict, "long_answer": str, "final_decision": str},
            pubmedqa_to_messages),
     Schema("flashcards", {"input": str, "output": str}, flashcards_to_messages),
-    Schema("messages", {"messages": list}, messages_to_messages),
+    MESSAGES,
 ]

@@ -26,6 +26,11 @@ class DataArguments:
     max_rows_per_source: int | None = field(
         default=None, metadata={"help": "Read at most this many rows of each source (quick looks, balancing)."}
     )
+    data_card_only: bool = field(
+        default=False,
+        metadata={"help": "Write the data card (counts, token lengths, train/eval overlap) to output_dir and stop: "
+                          "the tokenizer loads, no model does."},
+    )
 
 
 def parse_args(default_config: Path, argv: list[str] | None = None):

@@ -4,7 +4,8 @@ A domain module (`data/medical.py`, ...) declares its source schemas; everything
 every domain:
 
     source (Hub id[:config] or local file/folder)
-      -> rows read (.jsonl, .json array or lines, .csv, .parquet, or the Hub's train split)
+      -> rows read (.jsonl, .json array or lines, .csv, .parquet, `sentence@label` .txt lines, or the Hub's train
+         split)
       -> schema detected from the columns
       -> each row validated (missing or wrong-typed field: an error naming source, row and field)
       -> converted to {"messages": [...]} by the schema's pure function (rows dropped on purpose are counted)
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from .errors import RecipeError
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 ROLES = ("system", "user", "assistant")
 
 
@@ -136,10 +137,34 @@ def _read_table(path: Path) -> list[dict]:
     return table.to_pylist()
 
 
+def _read_labelled_lines(path: Path) -> list[dict]:
+    """`sentence@label` per line (the raw Financial PhraseBank files): columns `sentence` and `label`.
+
+    UTF-8, or latin-1 when the bytes are not UTF-8: the PhraseBank ships in latin-1, and latin-1 decodes any byte.
+    """
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        sentence, at, label = line.rpartition("@")
+        if not at:
+            raise RecipeError(f"{path}: line {number}: expected 'sentence@label' (a .txt source holds one labelled "
+                              "sentence per line)")
+        rows.append({"sentence": sentence.strip(), "label": label.strip()})
+    return rows
+
+
 def read_file(path: Path) -> list[dict]:
     """Rows of one local file, with errors that name the file and the line."""
     if path.suffix in (".csv", ".parquet"):
         rows = _read_table(path)
+    elif path.suffix == ".txt":
+        rows = _read_labelled_lines(path)
     else:
         text = _decode(path)
         is_array = path.suffix == ".json" and text.lstrip().startswith("[")
@@ -241,45 +266,47 @@ def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int
 # ---------------------------------------------------------------------------------------------------------------
 # One source, then the mixture
 # ---------------------------------------------------------------------------------------------------------------
+def _converted_features():
+    """The columns every converted source has, typed up front: a file whose rows are all dropped still concatenates."""
+    from datasets import Features, List, Value
+
+    return Features({"messages": List({"role": Value("string"), "content": Value("string")}),
+                     "split_key": Value("string"), "drop_reason": Value("string")})
+
+
 def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_proc: int | None):
-    """Convert one source; returns (Dataset of messages/split_key/drop_reason, schema)."""
+    """Convert one source; returns (Dataset of messages/split_key/drop_reason, schema name)."""
     from datasets import Dataset, concatenate_datasets
 
     path = Path(source)
     if path.exists():
-        parts = []
+        converted, schema_names = [], set()
         for file in local_files(path):
             rows = read_file(file)[:max_rows]
             schema = detect_schema(rows[0].keys(), schemas, str(file))
-            # validate before Arrow sees the rows: a wrong-typed value must name its row, not break the table
-            for number, row in enumerate(rows, start=1):
-                try:
-                    validate_row(row, schema)
-                except FieldError as e:
-                    raise RecipeError(f"{file}: row {number}: {e}") from None
-            columns = sorted(set().union(*(r.keys() for r in rows)))
-            table = Dataset.from_list([{c: r.get(c) for c in columns} for r in rows])
-            parts.append((table, schema, str(file)))
-    elif path.suffix in LOCAL_SUFFIXES or "/" not in source:
+            # converted before Arrow sees the rows: a wrong-typed value, nested ones included, names its row instead of
+            # breaking the table, and the columns no converter reads may hold anything
+            converted.append(Dataset.from_list([_convert(row, i, schema, str(file), 1) for i, row in enumerate(rows)],
+                                               features=_converted_features()))
+            schema_names.add(schema.name)
+        return concatenate_datasets(converted), "+".join(sorted(schema_names))
+    if path.suffix in LOCAL_SUFFIXES or "/" not in source:
         raise RecipeError(f"{source}: no such local file or folder (and not a Hub dataset id 'owner/name')")
-    else:
-        table = load_hub_train_split(source)
-        if max_rows is not None:
-            table = table.select(range(min(max_rows, len(table))))
-        parts = [(table, detect_schema(table.column_names, schemas, source), source)]
 
-    converted = []
-    for table, schema, name in parts:
-        converted.append(table.map(
-            _convert,
-            with_indices=True,
-            fn_kwargs={"schema": schema, "source": name, "row_offset": 1},
-            remove_columns=table.column_names,
-            num_proc=num_proc if num_proc and len(table) >= 1000 else None,
-            desc=f"Converting {Path(name).name}",
-        ))
-    schema_names = sorted({schema.name for _, schema, _ in parts})
-    return concatenate_datasets(converted), "+".join(schema_names)
+    table = load_hub_train_split(source)
+    if max_rows is not None:
+        table = table.select(range(min(max_rows, len(table))))
+    schema = detect_schema(table.column_names, schemas, source)
+    converted = table.map(
+        _convert,
+        with_indices=True,
+        fn_kwargs={"schema": schema, "source": source, "row_offset": 1},
+        remove_columns=table.column_names,
+        features=_converted_features(),
+        num_proc=num_proc if num_proc and len(table) >= 1000 else None,
+        desc=f"Converting {source}",
+    )
+    return converted, schema.name
 
 
 def _in_eval(split_key: str, seed: int, eval_fraction: float) -> bool:

@@ -12,13 +12,15 @@ from types import ModuleType
 
 from .config import DataArguments, parse_args
 from .data import prepare_data
+from .data_card import write_data_card
 from .errors import RecipeError, exit_on_recipe_error
 from .model import load_model, load_tokenizer
 from .run_card import config_dict, git_commit, package_versions, write_json
 
 
 def main(domain: ModuleType, data_args: DataArguments, training_args, model_args):
-    """Train one adapter; returns the SFTTrainer (its model is the trained adapter on the base)."""
+    """Train one adapter; returns the SFTTrainer (its model is the trained adapter on the base), or None when
+    `data_card_only` stops the run after the data card."""
     from trl import SFTTrainer, get_peft_config
 
     # 1. Logging must never stop at an interactive wandb login
@@ -28,7 +30,8 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     tokenizer = load_tokenizer(model_args, training_args)
 
     # 3. Data: each source converted to chat messages, validated, deduplicated and split; the main process
-    #    prepares it first and the other ranks reuse the cache
+    #    prepares it first and the other ranks reuse the cache. The data card (counts, token lengths, train/eval
+    #    overlap) is written before any model loads, so a data problem costs seconds, not a GPU hour
     refused = sorted(set(data_args.dataset_name) & set(domain.EVAL_ONLY))
     if refused:
         raise RecipeError(f"{', '.join(refused)} is evaluation-only and is never trained on")
@@ -41,10 +44,14 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
             max_rows_per_source=data_args.max_rows_per_source,
             num_proc=training_args.dataset_num_proc,
         )
-    if data.eval is None and training_args.eval_strategy != "no":
-        raise RecipeError("the eval split is empty: raise eval_fraction, add data, or set eval_strategy 'no'")
     if training_args.process_index == 0:
         print(data.summary())
+        write_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
+                        training_args.assistant_only_loss, training_args.dataset_num_proc)
+    if data_args.data_card_only:
+        return None
+    if data.eval is None and training_args.eval_strategy != "no":
+        raise RecipeError("the eval split is empty: raise eval_fraction, add data, or set eval_strategy 'no'")
 
     # 4. Base model (4-bit NF4 by default) and the LoRA adapter SFTTrainer puts on it
     model = load_model(model_args, training_args)

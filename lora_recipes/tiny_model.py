@@ -10,7 +10,6 @@ against a fresh build.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +34,12 @@ def _strings(value):
 
 
 def sample_texts() -> list[str]:
-    """Every string in every bundled sample file, in a fixed order."""
+    """Every string in every bundled sample file (.jsonl, and the PhraseBank-format .txt), in a fixed order."""
+    from .data import read_file
+
     texts = []
-    for path in sorted(SAMPLES_DIR.glob("*/*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            texts.extend(_strings(json.loads(line)))
+    for path in sorted([*SAMPLES_DIR.glob("*/*.jsonl"), *SAMPLES_DIR.glob("*/*.txt")]):
+        texts.extend(_strings(read_file(path)))
     return texts
 
 

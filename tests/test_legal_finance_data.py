@@ -1,0 +1,206 @@
+"""Legal and finance converters and their sources: HTML, unanswered questions, graded labels, repeats, the
+by-ticker split, the latin-1 PhraseBank text format, and validation errors that name the row."""
+
+import json
+
+import pytest
+from conftest import REPO_ROOT, SAMPLES
+
+from data import finance, legal
+from lora_recipes.config import parse_args
+from lora_recipes.data import DropRow, FieldError, prepare_data
+from lora_recipes.errors import RecipeError
+from lora_recipes.sft import main
+from lora_recipes.text import clean_text
+
+CASE_HOLD = {
+    "context": "The statute applies. See Doe v. Roe, 1 F.3d 2 (9th Cir. 1990) (<HOLDING>). Affirmed.",
+    "endings": ["holding one", "holding two", "holding <i>three</i>", "holding four", "holding five"],
+    "label": 2,
+}
+LAW_SE = {
+    "question_id": 7, "question_title": "Can my landlord keep the deposit?",
+    "question_body": "<p>My landlord kept it &amp; won't say why.</p><script>alert(1)</script>",
+    "answers": [
+        {"answer_id": 1, "body": "<p>Low-scored answer.</p>", "score": 2},
+        {"answer_id": 2, "body": "<p>Top answer: <b>no</b>.</p><ul><li>Write to them.</li></ul>", "score": 9},
+        {"answer_id": 3, "body": "<p>Tied top answer, listed later.</p>", "score": 9},
+    ],
+    "score": 4, "tags": ["landlord", "united-kingdom"], "link": "https://x", "license": "CC BY-SA 4.0",
+}
+FINGPT = {"input": "Shares rose 5% after results.", "output": "moderately positive",
+          "instruction": "What is the sentiment of this news? Please choose an answer from {strong negative/...}."}
+FIN_QA = {"question": "What was revenue?", "answer": "$5 million.", "context": "Revenue was $5 million.",
+          "ticker": "ACME", "filing": "2023_10K"}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_case_hold_lettered_holdings_and_answer():
+    system, user, assistant = (m["content"] for m in legal.case_hold_to_messages(CASE_HOLD)["messages"])
+    assert "not legal advice" in system and "jurisdiction" in system
+    assert user.startswith("The statute applies. See Doe v. Roe, 1 F.3d 2 (9th Cir. 1990) [HOLDING]. Affirmed.")
+    assert "<" not in user
+    assert [line for line in user.splitlines() if line[:3] in ("A. ", "B. ", "C. ", "D. ", "E. ")] == [
+        "A. holding one", "B. holding two", "C. holding three", "D. holding four", "E. holding five"]
+    assert assistant == "C. holding three"
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"label": 5}, "label"), ({"endings": ["only", "four", "end", "ings"]}, "endings"),
+    ({"context": "No placeholder here."}, "context"),
+])
+def test_case_hold_invalid_values_name_the_field(change, field):
+    with pytest.raises(FieldError, match=f"field '{field}'"):
+        legal.case_hold_to_messages({**CASE_HOLD, **change})
+
+
+def test_law_stackexchange_html_becomes_text_and_the_top_answer_is_the_target():
+    _, user, assistant = (m["content"] for m in legal.law_stackexchange_to_messages(LAW_SE)["messages"])
+    assert user == ("Can my landlord keep the deposit?\n\nMy landlord kept it & won't say why.\n\n"
+                    "Tags: landlord, united-kingdom")
+    assert assistant == "Top answer: no.\n\n- Write to them."  # the first of the two answers scored 9
+    for text in (user, assistant):
+        assert "<" not in text and "&amp;" not in text and "alert" not in text
+
+
+@pytest.mark.parametrize("answers", [[], [{"answer_id": 1, "body": "<p> </p>", "score": 3}]])
+def test_law_stackexchange_without_an_answer_is_dropped(answers):
+    with pytest.raises(DropRow, match="no answers"):
+        legal.law_stackexchange_to_messages({**LAW_SE, "answers": answers})
+
+
+@pytest.mark.parametrize("label, expected", [
+    ("positive", "positive"), ("Negative", "negative"), ("neutral", "neutral"),
+    ("strong positive", "positive"), ("strongly negative", "negative"), ("moderately positive", "positive"),
+    ("moderately negative", "negative"), ("mildly positive", "neutral"), ("mildly negative", "neutral"),
+])
+def test_fingpt_graded_labels_are_normalised(label, expected):
+    _, user, assistant = (m["content"] for m in finance.fingpt_sentiment_to_messages(
+        {**FINGPT, "output": label})["messages"])
+    assert assistant == expected
+    assert user == f"{finance.SENTIMENT_QUESTION}\n\nShares rose 5% after results."  # the 7-class instruction is gone
+
+
+@pytest.mark.parametrize("label", ["bullish", "very positive", "mildly neutral", ""])
+def test_fingpt_unknown_labels_are_errors(label):
+    with pytest.raises(FieldError, match="field 'output': unknown sentiment"):
+        finance.fingpt_sentiment_to_messages({**FINGPT, "output": label})
+
+
+def test_phrasebank_word_and_hub_class_id_labels():
+    assert finance.phrasebank_to_messages({"sentence": "Profit fell .", "label": "negative"})["messages"][2][
+        "content"] == "negative"
+    assert finance.phrasebank_to_messages({"sentence": "Profit fell .", "label": 2})["messages"][2][
+        "content"] == "positive"
+    with pytest.raises(FieldError, match="field 'label': expected 0-2"):
+        finance.phrasebank_to_messages({"sentence": "x", "label": 3})
+
+
+def test_financial_qa_names_company_and_filing():
+    _, user, assistant = (m["content"] for m in finance.financial_qa_to_messages(FIN_QA)["messages"])
+    assert user == "From the ACME 2023_10K filing:\nRevenue was $5 million.\n\nQuestion: What was revenue?"
+    assert assistant == "$5 million."
+    with pytest.raises(DropRow):
+        finance.financial_qa_to_messages({**FIN_QA, "answer": "  "})
+
+
+def test_latin1_phrasebank_file_is_parsed(tmp_path):
+    path = tmp_path / "Sentences_AllAgree.txt"
+    path.write_bytes("Päivä Oyj profit rose to £ 5 mn .@positive\r\nMail ir@x.example .@neutral\r\n\r\n"
+                     "Sales fell .@negative\r\n".encode("latin-1"))
+    data = prepare_data([str(path)], finance.SCHEMAS, eval_fraction=0.0)
+    assert data.sources[0].schema == "phrasebank" and data.sources[0].read == 3
+    pairs = [(m["messages"][1]["content"].split("\n\n")[1], m["messages"][2]["content"]) for m in data.train]
+    assert pairs == [("Päivä Oyj profit rose to £ 5 mn .", "positive"), ("Mail ir@x.example .", "neutral"),
+                     ("Sales fell .", "negative")]
+
+
+def test_phrasebank_line_without_label_names_the_line(tmp_path):
+    path = tmp_path / "phrases.txt"
+    path.write_text("Good .@positive\nno label on this line\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"phrases.txt: line 2: expected 'sentence@label'"):
+        prepare_data([str(path)], finance.SCHEMAS)
+
+
+@pytest.mark.parametrize("schemas, rows, expected", [
+    (legal.SCHEMAS, [CASE_HOLD, {**CASE_HOLD, "endings": "a b c d e"}],
+     r"row 2: field 'endings': expected list, got str"),
+    (legal.SCHEMAS, [CASE_HOLD, CASE_HOLD, {**CASE_HOLD, "label": 7}], r"row 3: field 'label': expected 0-4, got 7"),
+    (legal.SCHEMAS, [LAW_SE, {**LAW_SE, "answers": [{"body": "<p>x</p>", "score": "high"}]}],
+     r"row 2: field 'answers\[0\].score': expected an integer"),
+    (legal.SCHEMAS, [{**LAW_SE, "tags": "landlord"}], r"row 1: field 'tags': expected a list of strings"),
+    (finance.SCHEMAS, [FINGPT, {**FINGPT, "output": "bullish"}],
+     r"row 2: field 'output': unknown sentiment 'bullish'"),
+    (finance.SCHEMAS, [FIN_QA, {**FIN_QA, "ticker": 123}], r"row 2: field 'ticker': expected str, got int"),
+])
+def test_validation_errors_name_file_row_and_field(tmp_path, schemas, rows, expected):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(RecipeError, match=expected) as error:
+        prepare_data([str(path)], schemas)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_columns_no_converter_reads_may_mix_types(tmp_path):
+    rows = [LAW_SE, {**LAW_SE, "question_title": "Another question?", "score": "4", "question_id": "q-8",
+                     "answers": [{"answer_id": "a1", "body": "<p>Yes.</p>", "score": 1, "extra": [1, 2]}]}]
+    data = prepare_data([str(write_jsonl(tmp_path / "mixed.jsonl", rows))], legal.SCHEMAS, eval_fraction=0.0)
+    assert len(data.train) == 2 and data.train[1]["messages"][2]["content"] == "Yes."
+
+
+def test_legal_samples_drop_unanswered_questions_and_repeats():
+    raw = read_jsonl(SAMPLES / "legal" / "law_stackexchange.jsonl")
+    unanswered = sum(not any(clean_text(a["body"]) for a in row["answers"]) for row in raw)
+    answered_ids = [row["question_id"] for row in raw if any(clean_text(a["body"]) for a in row["answers"])]
+    data = prepare_data([str(SAMPLES / "legal" / name) for name in ("case_hold.jsonl", "law_stackexchange.jsonl")],
+                        legal.SCHEMAS, eval_fraction=0.1, seed=42)
+    case_hold, law_se = data.sources
+    assert (case_hold.schema, law_se.schema) == ("case_hold", "law_stackexchange")
+    assert unanswered > 0 and law_se.dropped["no answers"] == unanswered
+    assert law_se.dropped["duplicate"] == len(answered_ids) - len(set(answered_ids)) > 0
+    for example in data.train:
+        assert not any("<" in m["content"] and ">" in m["content"] for m in example["messages"][1:])
+
+
+def test_finance_samples_dedup_within_and_across_sources():
+    fingpt = read_jsonl(SAMPLES / "finance" / "fingpt_sentiment.jsonl")
+    graded = {row["output"] for row in fingpt} - set(finance.SENTIMENTS)
+    assert {"mildly negative", "moderately positive", "strong positive"} <= graded  # the samples exercise grades
+    data = prepare_data([str(SAMPLES / "finance" / name) for name in
+                         ("fingpt_sentiment.jsonl", "financial_qa_10k.jsonl", "Sentences_AllAgree.txt")],
+                        finance.SCHEMAS, eval_fraction=0.1, seed=42)
+    sentiment, qa, phrasebank = data.sources
+    unique_inputs = {(row["input"], row["output"]) for row in fingpt}
+    assert sentiment.dropped == {"duplicate": len(fingpt) - len(unique_inputs)}
+    assert sentiment.dropped["duplicate"] > len(unique_inputs)  # heavy duplication, as in the real set
+    assert qa.dropped == {"empty question or answer": 1}
+    assert phrasebank.dropped == {"duplicate": 3}  # the three sentences that are also in the FinGPT sample
+    labels = {example["messages"][2]["content"] for example in data.train if finance.SENTIMENT_QUESTION in
+              example["messages"][1]["content"]}
+    assert labels == set(finance.SENTIMENTS)
+
+
+def test_financial_qa_eval_split_is_held_out_by_ticker():
+    data = prepare_data([str(SAMPLES / "finance" / "financial_qa_10k.jsonl")], finance.SCHEMAS, eval_fraction=0.3,
+                        seed=42)
+
+    def tickers(dataset):
+        return {example["messages"][1]["content"].split()[2] for example in dataset}
+
+    train, held_out = tickers(data.train), tickers(data.eval)
+    assert train and held_out and not train & held_out
+    assert train | held_out == {row["ticker"] for row in read_jsonl(SAMPLES / "finance" / "financial_qa_10k.jsonl")}
+
+
+def test_case_hold_evaluation_splits_are_refused(tmp_path):
+    args = parse_args(REPO_ROOT / "recipes" / "configs" / "legal_smoke.yaml",
+                      ["--output_dir", str(tmp_path), "--dataset_name", "coastalcph/lex_glue:case_hold:test"])
+    with pytest.raises(RecipeError, match="case_hold:test is evaluation-only"):
+        main(legal, *args)
