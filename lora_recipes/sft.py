@@ -84,6 +84,7 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         write_json(Path(training_args.output_dir) / "run_card.json", {
             "recipe": Path(sys.argv[0]).name,
             "base_model": model_args.model_name_or_path,
+            "system_prompt": domain.SYSTEM_PROMPT,  # chat.py uses it by default: the prompt the adapter knows
             "trust_remote_code": training_args.trust_remote_code,
             "global_batch_size": global_batch,
             "data": [asdict(s) for s in data.sources],
