@@ -1,0 +1,35 @@
+"""What the notebooks share: the repository root, offline defaults, and running a project script as a user would.
+
+The notebooks start in `notebooks/` (as Jupyter starts them); their first cell puts the repository on `sys.path`
+and imports this module.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The notebooks run offline on the tiny bundled model; nothing may reach for the Hub or prompt for a login.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run(script: str, *args: str, launch: bool = False, cwd: Path = REPO, tail: int = 25) -> str:
+    """Run `python script args` (or `accelerate launch script args`) from `cwd` and print the last output lines.
+
+    Progress bars go to stderr and are left out; on failure the error lines are raised.
+    """
+    launcher = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"] if launch else []
+    command = [sys.executable, *launcher, script, *map(str, args)]
+    print("$", "accelerate launch" if launch else "python", script, *map(str, args))
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.rstrip().splitlines()
+    print("\n".join(lines[-tail:]))
+    return proc.stdout
