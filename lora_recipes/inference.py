@@ -236,6 +236,7 @@ def eos_token_ids(tokenizer, generation_config) -> list[int]:
 
 
 def conversation(prompt: str, system_prompt: str | None) -> list[dict]:
+    """A first user turn, after the system prompt when there is one."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [*messages, {"role": "user", "content": prompt}]
 
@@ -262,7 +263,6 @@ class Answer:
     text: str
     token_ids: list[int]  # the generated tokens, ending with the EOS token when finish_reason is "eos"
     finish_reason: str  # "eos": the model ended its turn; "length": max_new_tokens was reached
-    adapter: str | None
 
 
 @dataclass
@@ -290,13 +290,9 @@ class ChatModel:
         return cls(from_pretrained(model_name_or_path, dtype="auto"), load_tokenizer(model_name_or_path),
                    {None: model_system_prompt(model_name_or_path)})
 
-    def default_adapter(self) -> str | None:
-        return self.adapters[0] if self.adapters else None
-
-    def system_messages(self, adapter: str | None, args: GenerationArguments) -> list[dict]:
-        """The start of a conversation: the system prompt of `args`, else the one `adapter` was trained with."""
-        system_prompt = args.system_prompt or self.system_prompts[adapter]
-        return [{"role": "system", "content": system_prompt}] if system_prompt else []
+    def system_prompt(self, adapter: str | None, args: GenerationArguments) -> str | None:
+        """The system prompt of `args`, else the one `adapter` (or the merged model) was trained with."""
+        return args.system_prompt or self.system_prompts[adapter]
 
     def generation_config(self, args: GenerationArguments):
         """Every setting from `args` (nothing inherited), with the chat template's end-of-turn token as EOS."""
@@ -331,7 +327,7 @@ class ChatModel:
             stop = next((i for i, token in enumerate(row) if token in config.eos_token_id), None)
             ids = row if stop is None else row[:stop + 1]  # after EOS a batch row holds only padding
             answers.append(Answer(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids,
-                                  finish_reason="length" if stop is None else "eos", adapter=adapter))
+                                  finish_reason="length" if stop is None else "eos"))
         return answers
 
     def answer(self, requests: list[Request], args: GenerationArguments, batch_size: int) -> list[Answer]:

@@ -32,6 +32,7 @@ from lora_recipes.inference import (  # noqa: E402
     GenerationArguments,
     Request,
     check_adapter,
+    conversation,
     parse_flags,
     read_adapters,
 )
@@ -106,7 +107,7 @@ def interactive(chat: ChatModel, args: GenerationArguments, adapter: str | None)
     streamer = TextStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
     print(f"Chatting with {adapter or 'the model'} ({COMMANDS}). Answers are not professional advice.",
           file=sys.stderr)
-    history = chat.system_messages(adapter, args)
+    history = []
     while True:
         try:
             line = input("you> ").strip()
@@ -116,7 +117,7 @@ def interactive(chat: ChatModel, args: GenerationArguments, adapter: str | None)
         if line == "/exit":
             return
         if line == "/reset":
-            history = chat.system_messages(adapter, args)
+            history = []
             print("(new conversation)")
         elif line.startswith("/adapter"):
             name = line.removeprefix("/adapter").strip()
@@ -126,12 +127,13 @@ def interactive(chat: ChatModel, args: GenerationArguments, adapter: str | None)
                 print(f"error: {e}")
                 continue
             if name:
-                adapter, history = name, chat.system_messages(name, args)
+                adapter, history = name, []
             print(f"(adapter: {adapter}; loaded: {', '.join(chat.adapters) or 'none'})")
         elif line.startswith("/"):
             print(f"commands: {COMMANDS}")
         elif line:
-            messages = [*history, {"role": "user", "content": line}]
+            messages = ([*history, {"role": "user", "content": line}] if history
+                        else conversation(line, chat.system_prompt(adapter, args)))
             print("assistant> ", end="", flush=True)
             (answer,) = chat.generate([messages], args, adapter, streamer=streamer)
             if answer.finish_reason == "length":
@@ -142,7 +144,7 @@ def interactive(chat: ChatModel, args: GenerationArguments, adapter: str | None)
 def main(chat_args: ChatArguments, gen_args: GenerationArguments) -> None:
     # 1. One mode per run, adapter folders and every batch row checked before the model loads
     if bool(chat_args.adapter) == bool(chat_args.model_name_or_path):
-        raise RecipeError("give --adapter DIR (one or more) or --model_name_or_path MODEL, not both")
+        raise RecipeError("give one of --adapter DIR (one or more) and --model_name_or_path MODEL")
     if (chat_args.input is None) != (chat_args.output is None):
         raise RecipeError("--input and --output go together")
     if chat_args.prompt is not None and chat_args.input is not None:
@@ -166,13 +168,13 @@ def main(chat_args: ChatArguments, gen_args: GenerationArguments) -> None:
     if chat_args.prompt is not None:
         from transformers import TextStreamer
 
-        messages = [*chat.system_messages(adapter, gen_args), {"role": "user", "content": chat_args.prompt}]
-        chat.generate([messages], gen_args, adapter,
+        chat.generate([conversation(chat_args.prompt, chat.system_prompt(adapter, gen_args))], gen_args, adapter,
                       streamer=TextStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True))
     elif rows is not None:
-        requests = [Request(row.get("messages") or [*chat.system_messages(row["adapter"], gen_args),
-                                                    {"role": "user", "content": row["prompt"]}], row["adapter"])
-                    for row in rows]
+        requests = []
+        for row in rows:
+            system_prompt = chat.system_prompt(row["adapter"], gen_args)
+            requests.append(Request(row.get("messages") or conversation(row["prompt"], system_prompt), row["adapter"]))
         answers = chat.answer(requests, gen_args, chat_args.batch_size)
         output = Path(chat_args.output)
         output.parent.mkdir(parents=True, exist_ok=True)

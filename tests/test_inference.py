@@ -13,7 +13,14 @@ from conftest import REPO_ROOT, TINY_MODEL
 from data import medical
 from lora_recipes.config import parse_args
 from lora_recipes.errors import RecipeError
-from lora_recipes.inference import ChatModel, GenerationArguments, Request, read_adapter, read_adapters
+from lora_recipes.inference import (
+    ChatModel,
+    GenerationArguments,
+    Request,
+    conversation,
+    read_adapter,
+    read_adapters,
+)
 from lora_recipes.model_card import read_eval_report, render
 from lora_recipes.sft import main as train
 from recipes import chat, merge
@@ -75,7 +82,8 @@ def plain_lora_adapter(tmp_path_factory):
     """A plain LoRA adapter (unquantised base), trained in-process for a few steps."""
     output_dir = tmp_path_factory.mktemp("plain-lora")
     train(medical, *parse_args(SMOKE, ["--output_dir", str(output_dir), "--load_in_4bit", "false", "--max_steps",
-                                       "4", "--eval_strategy", "no", "--save_strategy", "no"]))
+                                       "3", "--per_device_train_batch_size", "4", "--eval_strategy", "no",
+                                       "--save_strategy", "no"]))
     return output_dir
 
 
@@ -194,8 +202,7 @@ def medical_chat(adapter_dir):
 def test_generation_stops_at_eos(medical_chat):
     eos = eos_id(medical_chat.tokenizer)
     assert medical_chat.generation_config(SAMPLING).eos_token_id[0] == eos
-    conversations = [[*medical_chat.system_messages("medical", SAMPLING), {"role": "user", "content": q}]
-                     for q in QUESTIONS]
+    conversations = [conversation(q, medical.SYSTEM_PROMPT) for q in QUESTIONS]
     answers = medical_chat.generate(conversations, SAMPLING, "medical")
     for answer in answers:
         assert eos not in answer.token_ids[:-1]
@@ -220,8 +227,7 @@ def test_two_adapters_on_one_base_answer_as_each_does_alone(medical_smoke_run, m
 
     early_chat = ChatModel.load(read_adapters([f"early={output_dir / 'checkpoint-15'}"]))
     for name, alone in (("medical", medical_chat), ("early", early_chat)):
-        requests = [Request(r.get("messages") or [*alone.system_messages(name, SAMPLING),
-                                                  {"role": "user", "content": r["prompt"]}], name)
+        requests = [Request(r.get("messages") or conversation(r["prompt"], medical.SYSTEM_PROMPT), name)
                     for r in rows if r.get("adapter", "medical") == name]
         expected = alone.answer(requests, SAMPLING, batch_size=2)
         assert [(a["answer"], a["finish_reason"]) for a in answered if a["adapter"] == name] == [
@@ -241,8 +247,8 @@ def test_interactive_chat_streams_switches_adapter_and_exits(medical_smoke_run, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("you> ") == 3  # the line after /exit is never read
     assert "error: unknown adapter 'legal' (loaded: medical, early)" in proc.stdout
-    (answer,) = medical_chat.generate([[*medical_chat.system_messages("medical", SAMPLING),
-                                        {"role": "user", "content": "What causes scurvy?"}]], SAMPLING, "medical")
+    (answer,) = medical_chat.generate([conversation("What causes scurvy?", medical.SYSTEM_PROMPT)], SAMPLING,
+                                      "medical")
     assert streamed_answers(proc.stdout) == [answer.text]
 
 
@@ -253,8 +259,7 @@ def test_interactive_chat_with_a_merged_model_ends_at_end_of_input(merged_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = ChatModel.load([], str(output_dir))
     greedy = GenerationArguments(max_new_tokens=12, greedy=True, system_prompt="Answer in one word.")
-    (answer,) = merged.generate([[*merged.system_messages(None, greedy),
-                                  {"role": "user", "content": "What causes scurvy?"}]], greedy)
+    (answer,) = merged.generate([conversation("What causes scurvy?", "Answer in one word.")], greedy)
     assert streamed_answers(proc.stdout) == [answer.text]
 
 
