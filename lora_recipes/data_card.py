@@ -113,6 +113,8 @@ def overlap(train_questions: list[str], eval_questions: list[str]) -> dict:
     eval_by_text, buckets = defaultdict(list), defaultdict(list)
     eval_shingles = [shingles(q) for q in normalised_eval]
     for i, (text, shingle_set) in enumerate(zip(normalised_eval, eval_shingles, strict=True)):
+        if not text:  # no user turn (or only punctuation): nothing to compare
+            continue
         eval_by_text[text].append(i)
         for key in _band_keys(shingle_set):
             buckets[key].append(i)
@@ -121,6 +123,8 @@ def overlap(train_questions: list[str], eval_questions: list[str]) -> dict:
     near: dict[int, tuple[float, int]] = {}  # eval index -> (best Jaccard, train index)
     for t, train_question in enumerate(train_questions):
         text = normalise(train_question)
+        if not text:
+            continue
         for i in eval_by_text.get(text, ()):
             exact.setdefault(i, t)
         shingle_set = shingles(text)

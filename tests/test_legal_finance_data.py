@@ -123,6 +123,14 @@ def test_latin1_phrasebank_file_is_parsed(tmp_path):
                      ("Sales fell .", "negative")]
 
 
+def test_phrasebank_sample_is_latin1_and_marked_synthetic():
+    raw = (SAMPLES / "finance" / "Sentences_AllAgree.txt").read_bytes()
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")  # the sample exercises the latin-1 fallback, as the real files do
+    lines = raw.decode("latin-1").splitlines()
+    assert lines and all("SYNTHETIC" in line and line.rpartition("@")[2] in finance.SENTIMENTS for line in lines)
+
+
 def test_phrasebank_line_without_label_names_the_line(tmp_path):
     path = tmp_path / "phrases.txt"
     path.write_text("Good .@positive\nno label on this line\n", encoding="utf-8")
@@ -153,6 +161,19 @@ def test_columns_no_converter_reads_may_mix_types(tmp_path):
                      "answers": [{"answer_id": "a1", "body": "<p>Yes.</p>", "score": 1, "extra": [1, 2]}]}]
     data = prepare_data([str(write_jsonl(tmp_path / "mixed.jsonl", rows))], legal.SCHEMAS, eval_fraction=0.0)
     assert len(data.train) == 2 and data.train[1]["messages"][2]["content"] == "Yes."
+
+
+def test_schemas_are_detected_in_parquet_and_csv(tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([CASE_HOLD, {**CASE_HOLD, "label": 0}]), tmp_path / "case_hold.parquet")
+    pacsv.write_csv(pa.Table.from_pylist([FINGPT, {**FINGPT, "input": "Sales fell."}]), tmp_path / "fingpt.csv")
+    assert prepare_data([str(tmp_path / "case_hold.parquet")], legal.SCHEMAS, eval_fraction=0.0).sources[0].schema == (
+        "case_hold")
+    data = prepare_data([str(tmp_path / "fingpt.csv")], finance.SCHEMAS, eval_fraction=0.0)
+    assert data.sources[0].schema == "fingpt_sentiment" and len(data.train) == 2
 
 
 def test_legal_samples_drop_unanswered_questions_and_repeats():
@@ -204,3 +225,16 @@ def test_case_hold_evaluation_splits_are_refused(tmp_path):
                       ["--output_dir", str(tmp_path), "--dataset_name", "coastalcph/lex_glue:case_hold:test"])
     with pytest.raises(RecipeError, match="case_hold:test is evaluation-only"):
         main(legal, *args)
+
+
+@pytest.mark.parametrize("domain, sources", [
+    (legal, ["coastalcph/lex_glue:case_hold", "ymoslem/Law-StackExchange"]),
+    (finance, ["FinGPT/fingpt-sentiment-train", "virattt/financial-qa-10K"]),
+])
+def test_real_defaults_read_the_hub_sources_in_4bit(domain, sources):
+    name = domain.__name__.rsplit(".", 1)[1]
+    data_args, training_args, model_args = parse_args(REPO_ROOT / "recipes" / "configs" / f"{name}.yaml",
+                                                      ["--use_cpu", "true"])
+    assert data_args.dataset_name == sources and not set(sources) & set(domain.EVAL_ONLY)
+    assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4" and model_args.lora_r == 16
+    assert training_args.assistant_only_loss and training_args.max_length >= 1024
