@@ -18,7 +18,8 @@ class DataArguments:
     dataset_name: list[str] | None = field(
         default=None,
         metadata={"help": "Training sources: Hub ids (ID or ID:CONFIG; the train split is used) or local files or "
-                          "folders (.jsonl, .json, .csv, .parquet). Several sources form a mixture."},
+                          "folders (.jsonl, .json, .csv, .parquet, sentence@label .txt). Several sources form a "
+                          "mixture."},
     )
     eval_fraction: float = field(
         default=0.05, metadata={"help": "Share of the deduplicated rows held out for eval loss (seeded hash split)."}
