@@ -18,11 +18,12 @@ A domain module declares its standard evaluation sets as `EVAL_SETS = [EvalSet(.
 sets come from there too, so a new domain only adds that list.
 """
 
+import importlib
 import json
 import re
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
 
@@ -590,8 +591,6 @@ def open_adapter(folder: str) -> tuple[Path, dict | None]:
 
 def load_domain(name: str | None, card: dict | None) -> ModuleType:
     """The data module `data/<domain>.py`: named, or the one of the recipe that trained the adapter."""
-    import importlib
-
     if name is None and card is not None:
         name = Path(card["recipe"]).stem.removeprefix("sft_")
     available = sorted(p.stem for p in Path(__file__).resolve().parents[1].joinpath("data").glob("*.py")
@@ -603,8 +602,6 @@ def load_domain(name: str | None, card: dict | None) -> ModuleType:
 
 def base_model_args(adapter: Path, card: dict | None, model_name_or_path: str | None):
     """The base model as it was trained: quantisation and dtype from run_card.json, the name from the adapter."""
-    import dataclasses
-
     import torch
     from trl import ModelConfig
 
@@ -617,7 +614,7 @@ def base_model_args(adapter: Path, card: dict | None, model_name_or_path: str | 
         trained = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": True,
                    "dtype": "bfloat16" if torch.cuda.is_available() else "float32"}
     else:
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        known = {f.name for f in fields(ModelConfig)}
         trained = {k: v for k, v in card["config"]["model"].items() if k in known}
     return ModelConfig(**{**trained, "model_name_or_path": name})
 
@@ -641,6 +638,7 @@ def load_for_evaluation(adapter: Path, card: dict | None, model_name_or_path: st
         raise RecipeError(f"tokenizer of {tokenizer_source} has no chat template to build prompts with")
     if tokenizer.pad_token_id is None:
         raise RecipeError(f"tokenizer of {tokenizer_source} has no pad token")
+    # load_model reads two training settings: where to place quantised weights, and whether to run remote code
     base = load_model(model_args, SimpleNamespace(use_cpu=not torch.cuda.is_available(),
                                                   trust_remote_code=trust_remote_code))
     model = PeftModel.from_pretrained(base, adapter).eval()

@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -11,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, SAMPLES, TINY_MODEL
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from data import medical
 from lora_recipes.config import parse_args
@@ -25,6 +23,7 @@ from lora_recipes.evaluation import (
     compare,
     continuation_logprobs,
     greedy_generations,
+    load_for_evaluation,
     paired_bootstrap,
     parse_hub_source,
     rouge_l,
@@ -299,8 +298,6 @@ def test_base_is_loaded_as_it_was_trained(medical_smoke_run):
 
 
 def test_evaluation_leaves_the_4bit_model_as_it_found_it(medical_smoke_run):
-    from lora_recipes.evaluation import load_for_evaluation
-
     adapter, _ = medical_smoke_run
     model, tokenizer, _ = load_for_evaluation(adapter, json.loads((adapter / "run_card.json").read_text()), None)
     assert type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
@@ -345,16 +342,16 @@ def test_training_saves_a_loss_curve_and_evaluates_its_held_out_split(medical_sm
     assert "Evaluation report (base vs adapter)" in proc.stdout
 
 
-def test_adapter_beats_base_on_its_training_samples(medical_smoke_run, tmp_path):
+def test_adapter_beats_base_on_its_training_samples(medical_smoke_run, tmp_path, capsys):
     adapter, _ = medical_smoke_run
     files = [str(MEDICAL / name) for name in ("medqa.jsonl", "pubmedqa.jsonl", "flashcards.jsonl")]
-    proc = subprocess.run([sys.executable, "recipes/evaluate.py", "--adapter", str(adapter), "--dataset_name", *files,
-                           "--limit", "12", "--output_dir", str(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = ["--adapter", str(adapter), "--dataset_name", *files, "--limit", "12", "--output_dir", str(tmp_path)]
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)  # as the script parses them
+    assert (args.dataset_name, args.limit, args.batch_size) == (files, 12, 8)
+    evaluate_main()(args)  # in-process: the script's imports are already paid for
     report = check_report(tmp_path, {"medqa", "pubmedqa", "flashcards"})
     assert all(task["n"] == 12 and task["trained_on"] for task in report["tasks"].values())
-    assert "is training data of this adapter" in proc.stdout
+    assert "is training data of this adapter" in capsys.readouterr().out
     # Memorisation after 30 steps: the reference answers became far more likely under the adapter
     loss = report["tasks"]["flashcards"]["metrics"]["loss"]
     assert loss["adapter"] < loss["base"] - 1.0 and loss["delta_ci"][1] < 0
