@@ -16,6 +16,9 @@ SYSTEM_PROMPT = (
 )
 EVAL_ONLY = ()
 SENTIMENTS = ("negative", "neutral", "positive")  # also the order of the Hub phrasebank's class ids 0, 1, 2
+# no standard finance set loads from the Hub with current `datasets`: the held-out split is scored, sentiment as a
+# classification over these labels
+CLASS_LABELS = [SENTIMENTS]
 # One instruction for every sentiment source: FinGPT's own instructions list seven graded classes on some rows, which
 # the normalised label no longer matches, and a shared prompt lets the same sentence deduplicate across sources.
 SENTIMENT_QUESTION = "What is the sentiment of this financial text? Answer negative, neutral or positive."

@@ -7,6 +7,7 @@ train split only; CaseHOLD's validation and test splits are listed in EVAL_ONLY 
 
 from lora_recipes.convert import MESSAGES, chat, multiple_choice
 from lora_recipes.data import DropRow, FieldError, Schema
+from lora_recipes.evaluation import EvalSet
 from lora_recipes.text import clean_text
 
 SYSTEM_PROMPT = (
@@ -15,6 +16,7 @@ SYSTEM_PROMPT = (
     "that matters, consult a lawyer licensed where you are."
 )
 EVAL_ONLY = ("coastalcph/lex_glue:case_hold:validation", "coastalcph/lex_glue:case_hold:test")
+EVAL_SETS = [EvalSet("case_hold", "coastalcph/lex_glue:case_hold", "test")]  # 3,600 holdings, 5 options each
 HOLDING = "(<HOLDING>)"
 BLANK = "[HOLDING]"  # how the prompt shows the placeholder: "<HOLDING>" reads as an HTML tag, which cleaning removes
 LETTERS = "ABCDE"

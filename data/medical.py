@@ -2,11 +2,13 @@
 
 One pure function per source schema; loading, validation, deduplication and the split live in
 `lora_recipes/data.py`. Evaluation-only sets (MedQA test, MedMCQA validation, PubMedQA pqa_labeled) are never
-trained on: the recipe reads the Hub's train split only and refuses the sets listed in EVAL_ONLY.
+trained on: the recipe reads the Hub's train split only and refuses the sets listed in EVAL_ONLY. EVAL_SETS are
+what `recipes/evaluate.py` and the end of training compare the base model and the adapter on.
 """
 
 from lora_recipes.convert import MESSAGES, chat, multiple_choice
 from lora_recipes.data import DropRow, FieldError, Schema
+from lora_recipes.evaluation import EvalSet
 from lora_recipes.text import clean_text
 
 SYSTEM_PROMPT = (
@@ -14,6 +16,12 @@ SYSTEM_PROMPT = (
     "are not a substitute for professional medical advice."
 )
 EVAL_ONLY = ("qiaojin/PubMedQA:pqa_labeled",)
+EVAL_SETS = [
+    EvalSet("medqa", "GBaker/MedQA-USMLE-4-options", "test"),  # 1,273 USMLE questions, 4 options
+    EvalSet("medmcqa", "openlifescienceai/medmcqa", "validation"),  # 4,183 questions (the test split has no labels)
+    # 1,000 expert-labelled abstracts; `train` is the set's only split, and EVAL_ONLY keeps it out of training
+    EvalSet("pubmedqa", "qiaojin/PubMedQA:pqa_labeled", "train", labels=("Yes", "No", "Maybe")),
+]
 LETTERS = "ABCD"
 
 

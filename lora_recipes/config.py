@@ -32,6 +32,18 @@ class DataArguments:
         metadata={"help": "Write the data card (counts, token lengths, train/eval overlap) to output_dir and stop: "
                           "the tokenizer loads, no model does."},
     )
+    eval_after_training: bool = field(
+        default=True,
+        metadata={"help": "After training, compare the base model and the adapter on the held-out split and the "
+                          "domain's standard evaluation sets; writes eval_report.json/.md/.png to output_dir."},
+    )
+    eval_after_training_limit: int | None = field(
+        default=None, metadata={"help": "Score at most this many examples per task in the end-of-training evaluation."}
+    )
+    eval_after_training_standard_sets: bool = field(
+        default=True, metadata={"help": "Include the domain's standard evaluation sets (Hub; skipped when out of "
+                                        "reach) in the end-of-training evaluation, not only the held-out split."},
+    )
 
 
 def parse_args(default_config: Path, argv: list[str] | None = None):
@@ -58,6 +70,8 @@ def check_args(data_args: DataArguments, training_args, model_args) -> None:
     problems = []
     if not data_args.dataset_name:
         problems.append("dataset_name is empty: give at least one Hub id or local file")
+    if data_args.eval_after_training_limit is not None and data_args.eval_after_training_limit <= 0:
+        problems.append(f"eval_after_training_limit must be > 0, got {data_args.eval_after_training_limit}")
     if not 0 <= data_args.eval_fraction < 1:
         problems.append(f"eval_fraction must be in [0, 1), got {data_args.eval_fraction}")
     if data_args.eval_fraction == 0 and training_args.eval_strategy != "no":

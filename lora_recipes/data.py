@@ -31,6 +31,10 @@ class DropRow(Exception):
     """Raised by a converter for a row that is skipped on purpose; the message is the reason, and it is counted."""
 
 
+class HubUnreachable(RecipeError):
+    """A Hub dataset could not be loaded (offline, unknown id or split); evaluation skips its default sets on it."""
+
+
 class FieldError(Exception):
     """Raised by a converter for an invalid value; the data layer adds the source and the row."""
 
@@ -185,17 +189,18 @@ def local_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_hub_train_split(source: str):
-    """The train split of a Hub dataset `ID` or `ID:CONFIG`, with a one-line error when the Hub is out of reach."""
+def load_hub_train_split(source: str, split: str = "train"):
+    """A split of a Hub dataset `ID` or `ID:CONFIG` (training reads only `train`; evaluation names its split), with a
+    one-line error when the Hub is out of reach."""
     from datasets import load_dataset
 
     repo_id, _, config = source.partition(":")
     try:
-        return load_dataset(repo_id, name=config or None, split="train")
+        return load_dataset(repo_id, name=config or None, split=split)
     except Exception as e:  # datasets and huggingface_hub raise many types for "offline" and "not found"
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RecipeError(
-            f"dataset '{source}': could not load its train split from the Hugging Face Hub ({problem[:200]}). "
+        raise HubUnreachable(
+            f"dataset '{source}': could not load its {split} split from the Hugging Face Hub ({problem[:200]}). "
             "Offline? Pass a local file or folder with --dataset_name, or run the offline demo with a *_smoke.yaml "
             "config"
         ) from None
@@ -274,7 +279,8 @@ def _converted_features():
                      "split_key": Value("string"), "drop_reason": Value("string")})
 
 
-def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_proc: int | None):
+def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_proc: int | None,
+                 split: str = "train"):
     """Convert one source; returns (Dataset of messages/split_key/drop_reason, schema name)."""
     from datasets import Dataset, concatenate_datasets
 
@@ -293,7 +299,7 @@ def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_p
     if path.suffix in LOCAL_SUFFIXES or "/" not in source:
         raise RecipeError(f"{source}: no such local file or folder (and not a Hub dataset id 'owner/name')")
 
-    table = load_hub_train_split(source)
+    table = load_hub_train_split(source, split)
     if max_rows is not None:
         table = table.select(range(min(max_rows, len(table))))
     schema = detect_schema(table.column_names, schemas, source)
@@ -307,6 +313,16 @@ def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_p
         desc=f"Converting {source}",
     )
     return converted, schema.name
+
+
+def load_converted(source: str, schemas: list[Schema], split: str = "train") -> tuple[list[list[dict]], SourceReport]:
+    """One source converted to chat messages, neither deduplicated nor split: how an evaluation set is read."""
+    converted, schema_name = _load_source(source, schemas, None, None, split)
+    drops = Counter(example["drop_reason"] for example in converted if example["drop_reason"])
+    kept = [example["messages"] for example in converted if not example["drop_reason"]]
+    report = SourceReport(source=source, schema=schema_name, read=len(converted), kept=len(kept),
+                          dropped=dict(drops.most_common()))
+    return kept, report
 
 
 def _in_eval(split_key: str, seed: int, eval_fraction: float) -> bool:

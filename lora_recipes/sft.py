@@ -14,7 +14,9 @@ from .config import DataArguments, parse_args
 from .data import prepare_data
 from .data_card import write_data_card
 from .errors import RecipeError, exit_on_recipe_error
+from .evaluation import evaluate_after_training
 from .model import load_model, load_tokenizer
+from .plots import plot_loss_curve
 from .run_card import config_dict, git_commit, package_versions, write_json
 
 
@@ -98,6 +100,12 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
             "git_commit": git_commit(),
         })
     trainer.accelerator.print(f"Adapter, tokenizer and run card saved to {training_args.output_dir}")
+
+    # 7. Loss curve next to the adapter; base vs adapter on the held-out split and the standard evaluation sets
+    if trainer.is_world_process_zero():
+        plot_loss_curve(trainer.state.log_history, Path(training_args.output_dir) / "loss_curve.png")
+        if data_args.eval_after_training:
+            evaluate_after_training(trainer, domain, data.eval, data_args, training_args, model_args)
     trainer.accelerator.end_training()
     return trainer
 

@@ -1,0 +1,673 @@
+"""Did the fine-tuning help? The base model and the adapter side by side, per task, with bootstrap intervals.
+
+Every example is a chat from a domain converter (system/user/assistant); its last assistant turn decides the task:
+
+    multiple choice  the prompt lists lettered options and the answer is `C. <option text>` (or just `C`): accuracy,
+                     the model's pick being the letter (`A.`, `B.`, ...) with the highest log-likelihood given the
+                     prompt, as the standard harnesses score MedQA and MedMCQA (no bias towards short options)
+    classification   the answer starts with a label of one of the domain's label sets (PubMedQA Yes/No/Maybe, ...):
+                     accuracy, macro-F1 and weighted F1, the pick being the label with the highest log-likelihood
+    open answer      anything else: ROUGE-L and token F1 of greedy generations against the reference, and the
+                     per-token loss of the reference answer (lower is better)
+
+The base numbers come from the same model with the adapter switched off, so the (4-bit) base loads once. Scoring runs
+in bounded batches and keeps the logits of one batch's scored tokens only. Every metric gets a 95% percentile
+bootstrap interval over examples (seeded), and the paired difference adapter - base resamples the same examples.
+
+A domain module declares its standard evaluation sets as `EVAL_SETS = [EvalSet(...), ...]`; classification label
+sets come from there too, so a new domain only adds that list.
+"""
+
+import importlib
+import json
+import re
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from types import ModuleType
+
+from .data import HubUnreachable, load_converted
+from .errors import RecipeError
+
+CONFIDENCE = 0.95
+ARTICLES = {"a", "an", "the"}
+OPTION_LINE = re.compile(r"^\s*([A-J])[.)]\s+(.+?)\s*$", re.MULTILINE)
+LETTER_ANSWER = re.compile(r"^([A-J])(?:([.):])(?:\s|$)|\n|$)")  # `C`, `C.`, `C. text`, but not `A word`
+HEADLINE = {"multiple_choice": "accuracy", "classification": "accuracy", "open": "rouge_l"}
+LOWER_IS_BETTER = {"loss"}
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A domain's standard evaluation set: a Hub dataset, the split to read, and the labels of a classification."""
+
+    name: str  # the task name in the report
+    source: str  # Hub id or ID:CONFIG
+    split: str  # the standard evaluation split; never one that the recipe trains on
+    labels: tuple[str, ...] = ()  # classification: every answer starts with one of these
+
+
+@dataclass
+class EvalArguments:
+    """What `recipes/evaluate.py` compares, on which data, and how."""
+
+    adapter: str = field(metadata={"help": "The adapter folder: a recipe's output_dir (adapter_config.json, "
+                                           "run_card.json, tokenizer)."})
+    output_dir: str = field(metadata={"help": "Where eval_report.json, eval_report.md and eval_report.png go."})
+    dataset_name: list[str] | None = field(
+        default=None,
+        metadata={"help": "Evaluation data: local files or folders, or Hub ids (ID, ID:CONFIG, ID:CONFIG@SPLIT; the "
+                          "test split unless named). Default: the domain's standard evaluation sets."},
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The base model (default: base_model_name_or_path in adapter_config.json)."}
+    )
+    domain: str | None = field(
+        default=None, metadata={"help": "The data module in data/ (default: the recipe named in run_card.json)."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Score at most this many examples per task."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass (memory is bounded by it)."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest prompt + answer in tokens; prompts are cut from the left "
+                                        "(default: the training max_length from run_card.json, else 2048)."},
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Longest greedy generation for open answers; each one also stops at twice "
+                                       "its reference's length plus 16 tokens."},
+    )
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples for the intervals."})
+    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap resampling."})
+    num_examples: int = field(default=3, metadata={"help": "Prompts per task shown in eval_report.md."})
+
+    def check(self) -> None:
+        positive = {"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
+                    "bootstrap_samples": self.bootstrap_samples, "limit": self.limit, "max_length": self.max_length}
+        problems = [f"{name} must be > 0, got {value}" for name, value in positive.items()
+                    if value is not None and value <= 0]
+        if problems:
+            raise RecipeError("; ".join(problems))
+
+
+@dataclass
+class Item:
+    prompt: list[dict]  # the messages before the answer
+    reference: str  # the answer as the data writes it
+    options: list[str] = field(default_factory=list)  # continuations scored by log-likelihood (choice tasks)
+    answer: int = -1  # index of the right option
+    shown: list[str] = field(default_factory=list)  # how each option reads in the report (default: as scored)
+
+    def show(self, pick: int) -> str:
+        return (self.shown or self.options)[pick]
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # multiple_choice, classification or open
+    items: list[Item]
+    source: str
+    split: str | None = None
+    dropped: dict[str, int] = field(default_factory=dict)  # rows the converter skipped (reason -> count)
+    trained_on: bool = False  # the user pointed at the adapter's own training data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From converted chats to tasks
+# ---------------------------------------------------------------------------------------------------------------
+def _same_case(label: str, seen: str) -> str:
+    """`label` written the way the data writes labels (`Yes` / `yes` / `YES`)."""
+    if seen.isupper() and len(seen) > 1:
+        return label.upper()
+    if seen[:1].isupper():
+        return label[:1].upper() + label[1:].lower()
+    return label.lower()
+
+
+def to_item(messages: list[dict], label_sets: list[tuple[str, ...]]) -> tuple[str, Item]:
+    """(kind, item) for one chat: its last assistant turn is the reference, everything before it the prompt."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt, reference = messages[:last], messages[last]["content"].strip()
+    question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    options = dict(OPTION_LINE.findall(question))
+    letter = LETTER_ANSWER.match(reference)
+    if letter and len(options) >= 2 and letter.group(1) in options:
+        chosen, separator = letter.group(1), letter.group(2) or ""
+        # The letter written as the answer writes it (`C.`): every candidate has the same length
+        return "multiple_choice", Item(prompt, reference, [f"{key}{separator}" for key in options],
+                                       list(options).index(chosen), [f"{k}. {v}" for k, v in options.items()])
+    for labels in label_sets:
+        match = re.match(r"(" + "|".join(re.escape(label) for label in labels) + r")\b", reference, re.IGNORECASE)
+        if match:
+            candidates = [_same_case(label, match.group(1)) for label in labels]
+            answer = [label.lower() for label in labels].index(match.group(1).lower())
+            return "classification", Item(prompt, reference, candidates, answer)
+    return "open", Item(prompt, reference)
+
+
+def eval_sets(domain: ModuleType) -> list[EvalSet]:
+    # A domain without standard sets (no EVAL_SETS yet) evaluates its held-out split and the user's data only
+    return list(getattr(domain, "EVAL_SETS", ()))
+
+
+def build_tasks(name: str, chats, domain: ModuleType, limit: int | None, **task_fields) -> list[Task]:
+    """The chats of one source as tasks, one per kind of answer and label set: `name`, or `name/multiple_choice`,
+    `name/yes-no-maybe`, `name/open` when a source (a held-out split of a mixture) mixes them."""
+    # classification labels come from the standard sets, and from CLASS_LABELS for a domain whose labelled data has
+    # no standard set on the Hub (finance sentiment)
+    label_sets = [eval_set.labels for eval_set in eval_sets(domain) if eval_set.labels]
+    label_sets += list(getattr(domain, "CLASS_LABELS", ()))
+    groups: dict[tuple[str, str], list[Item]] = {}
+    for messages in chats:
+        kind, item = to_item(messages, label_sets)
+        label = "-".join(item.options).lower() if kind == "classification" else kind
+        groups.setdefault((kind, label), []).append(item)
+    return [Task(name if len(groups) == 1 else f"{name}/{label}", kind, items[:limit], **task_fields)
+            for (kind, label), items in sorted(groups.items())]
+
+
+def parse_hub_source(source: str, domain: ModuleType) -> tuple[str, str, str]:
+    """(task name, Hub id[:config], split) for a Hub dataset: a standard set's own split, else `@SPLIT` or test."""
+    hub_id, _, split = source.partition("@")
+    for eval_set in eval_sets(domain):
+        if eval_set.source == hub_id:
+            return eval_set.name, hub_id, split or eval_set.split
+    return hub_id, hub_id, split or "test"
+
+
+def named_tasks(sources: list[str], domain: ModuleType, limit: int | None, training_sources: list[str]) -> list[Task]:
+    """Tasks from the datasets the user named; a source that cannot be read is an error."""
+    trained = {_canonical(s) for s in training_sources}
+    tasks, names = [], set()
+    for source in sources:
+        path = Path(source)
+        if path.exists():
+            name, dataset, split = path.stem, source, None
+        else:
+            name, dataset, split = parse_hub_source(source, domain)
+        name = source if name in names else name  # two files named alike keep their full paths apart
+        names.add(name)
+        chats, report = load_converted(dataset, domain.SCHEMAS, split or "train")
+        trained_on = _canonical(dataset) in trained and split in (None, "train")  # recipes read Hub train splits
+        if trained_on:
+            print(f"note: {source} is training data of this adapter: its numbers measure memorisation")
+        tasks += build_tasks(name, chats, domain, limit, source=source, split=split, dropped=report.dropped,
+                             trained_on=trained_on)
+    return tasks
+
+
+def standard_tasks(domain: ModuleType, limit: int | None) -> tuple[list[Task], list[str]]:
+    """(tasks, skipped) from the domain's standard evaluation sets; a set the Hub cannot serve is skipped, said why."""
+    tasks, skipped = [], []
+    for eval_set in eval_sets(domain):
+        try:
+            chats, report = load_converted(eval_set.source, domain.SCHEMAS, eval_set.split)
+        except HubUnreachable as e:
+            skipped.append(f"{eval_set.name}: {e}")
+            print(f"skipped {skipped[-1]}")
+            continue
+        tasks += build_tasks(eval_set.name, chats, domain, limit, source=eval_set.source, split=eval_set.split,
+                             dropped=report.dropped)
+    return tasks, skipped
+
+
+def _canonical(source: str) -> str:
+    path = Path(source)
+    return str(path.resolve()) if path.exists() else source
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring: log-likelihoods of continuations and greedy generations, in bounded batches
+# ---------------------------------------------------------------------------------------------------------------
+def _prompt_text(tokenizer, prompt: list[dict]) -> str:
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def _answer_text(tokenizer, item: Item) -> str:
+    """The reference as the chat template writes it after the prompt, end-of-turn token included (as in training)."""
+    prompt = _prompt_text(tokenizer, item.prompt)
+    full = tokenizer.apply_chat_template(item.prompt + [{"role": "assistant", "content": item.reference}],
+                                         tokenize=False)
+    return full[len(prompt):] if full.startswith(prompt) else item.reference
+
+
+def _fit(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
+    """Cut the context from the left (and an over-long continuation from the right) to fit max_length tokens."""
+    continuation = continuation[: max_length - 1]
+    room = max_length - len(continuation)
+    return context[-room:], continuation, len(context) > room
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, width - len(sequence):] = 1
+    return input_ids, attention_mask
+
+
+def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                          desc: str = "scoring") -> list[float]:
+    """Sum of log p(continuation | context) for each (context ids, continuation ids) request.
+
+    Longest requests first (an out-of-memory shows at once), left-padded so that every continuation ends the row,
+    and the model computes logits for the last `longest continuation` positions only.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
+    scores = [0.0] * len(requests)
+    with torch.no_grad(), tqdm(total=len(requests), desc=desc, leave=False) as progress:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            # The last continuation token is only ever predicted, so it is not part of the input
+            input_ids, attention_mask = _left_pad([requests[i][0] + requests[i][1][:-1] for i in batch], pad_id)
+            keep = max(len(requests[i][1]) for i in batch)
+            logits = model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                logits_to_keep=keep,
+            ).logits
+            for row, i in enumerate(batch):
+                continuation = torch.tensor(requests[i][1], device=device)
+                predicted = logits[row, keep - len(continuation):].float()
+                scores[i] = -F.cross_entropy(predicted, continuation, reduction="sum").item()
+            progress.update(len(batch))
+    return scores
+
+
+def greedy_generations(model, tokenizer, prompts: list[list[int]], budgets: list[int], batch_size: int,
+                       desc: str = "generating") -> list[str]:
+    """Greedy completions, batched (left-padded), each cut at its own token budget and at the end of turn."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    stop = {tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id if model.generation_config is not None else None
+    stop |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts = [""] * len(prompts)
+    with torch.no_grad(), tqdm(total=len(prompts), desc=desc, leave=False) as progress:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            input_ids, attention_mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
+            config = GenerationConfig(max_new_tokens=max(budgets[i] for i in batch), do_sample=False, use_cache=True,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop))
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=config)
+            for row, i in enumerate(batch):
+                new = output[row, input_ids.shape[1]:][: budgets[i]].tolist()
+                ends = [k for k, token in enumerate(new) if token in stop]
+                texts[i] = tokenizer.decode(new[: ends[0]] if ends else new, skip_special_tokens=True).strip()
+            progress.update(len(batch))
+    return texts
+
+
+@dataclass
+class Predictions:
+    """One model's outputs on a task: picked option indices (choice tasks) or answers, per-token losses (open)."""
+
+    picks: list[int] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    truncated: int = 0  # examples whose prompt was cut from the left to fit max_length
+
+
+def predict(model, tokenizer, task: Task, args: EvalArguments, label: str) -> Predictions:
+    """Run one model (base or adapter) over one task."""
+
+    def encode(text: str) -> list[int]:  # prompt and continuation are tokenized apart, as the harnesses do
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    contexts = [encode(_prompt_text(tokenizer, item.prompt)) for item in task.items]
+    if task.kind != "open":
+        requests, owners, truncated = [], [], set()
+        for index, (item, context) in enumerate(zip(task.items, contexts)):
+            for option in item.options:
+                *request, cut = _fit(context, encode(option), args.max_length)
+                requests.append(request)
+                owners.append(index)
+                if cut:
+                    truncated.add(index)
+        scores = continuation_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
+                                       desc=f"{task.name} [{label}] options")
+        per_item: list[list[float]] = [[] for _ in task.items]
+        for owner, score in zip(owners, scores):
+            per_item[owner].append(score)
+        picks = [max(range(len(s)), key=s.__getitem__) for s in per_item]
+        return Predictions(picks=picks, answers=[item.show(p) for item, p in zip(task.items, picks)],
+                           truncated=len(truncated))
+
+    references = [encode(_answer_text(tokenizer, item)) for item in task.items]
+    fitted = [_fit(context, reference, args.max_length) for context, reference in zip(contexts, references)]
+    requests = [(context, continuation) for context, continuation, _ in fitted]
+    scores = continuation_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
+                                   desc=f"{task.name} [{label}] reference loss")
+    losses = [-score / len(continuation) for score, (_, continuation) in zip(scores, requests)]
+    budgets = [min(args.max_new_tokens, 2 * len(encode(item.reference)) + 16, args.max_length - 1)
+               for item in task.items]
+    prompts = [context[-(args.max_length - budget):] for context, budget in zip(contexts, budgets)]
+    answers = greedy_generations(model, tokenizer, prompts, budgets, args.batch_size,
+                                 desc=f"{task.name} [{label}] generation")
+    truncated = sum(cut or len(prompt) < len(context)
+                    for (_, _, cut), prompt, context in zip(fitted, prompts, contexts))
+    return Predictions(answers=answers, losses=losses, truncated=truncated)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics and paired bootstrap intervals
+# ---------------------------------------------------------------------------------------------------------------
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style F1 of the bags of words (lower case, punctuation and articles removed)."""
+    predicted = [w for w in words(prediction) if w not in ARTICLES]
+    expected = [w for w in words(reference) if w not in ARTICLES]
+    if not predicted or not expected:
+        return float(predicted == expected)
+    overlap = sum((Counter(predicted) & Counter(expected)).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(predicted), overlap / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: the longest common subsequence of words over both lengths (as `rouge-score` computes it)."""
+    predicted, expected = words(prediction), words(reference)
+    if not predicted or not expected:
+        return float(predicted == expected)
+    previous = [0] * (len(expected) + 1)
+    for p in predicted:
+        current = [0]
+        for j, e in enumerate(expected):
+            current.append(previous[j] + 1 if p == e else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(predicted), lcs / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def classification_scores(gold, predicted, num_labels: int) -> dict[str, float]:
+    """Accuracy, macro-F1 (over the labels that occur in gold or predictions) and support-weighted F1."""
+    import numpy as np
+
+    confusion = np.bincount(gold * num_labels + predicted, minlength=num_labels**2).reshape(num_labels, num_labels)
+    true_positives = np.diag(confusion)
+    support, predicted_count = confusion.sum(1), confusion.sum(0)
+    denominator = support + predicted_count
+    f1 = np.divide(2 * true_positives, denominator, out=np.zeros(num_labels), where=denominator > 0)
+    present = denominator > 0
+    return {
+        "accuracy": true_positives.sum() / len(gold),
+        "macro_f1": f1[present].mean(),
+        "weighted_f1": (f1 * support).sum() / support.sum(),
+    }
+
+
+def per_example_metrics(task: Task, predictions: Predictions) -> dict:
+    """A function of resampled example indices for every metric of the task's kind."""
+    import numpy as np
+
+    if task.kind == "multiple_choice":
+        correct = np.array([p == item.answer for p, item in zip(predictions.picks, task.items)], dtype=float)
+        return {"accuracy": lambda idx: correct[idx].mean()}
+    if task.kind == "classification":
+        gold = np.array([item.answer for item in task.items])
+        picks = np.array(predictions.picks)
+        num_labels = len(task.items[0].options)
+        return {name: (lambda idx, name=name: classification_scores(gold[idx], picks[idx], num_labels)[name])
+                for name in ("accuracy", "macro_f1", "weighted_f1")}
+    rouge = np.array([rouge_l(a, item.reference) for a, item in zip(predictions.answers, task.items)])
+    f1 = np.array([token_f1(a, item.reference) for a, item in zip(predictions.answers, task.items)])
+    loss = np.array(predictions.losses)
+    return {"rouge_l": lambda idx: rouge[idx].mean(), "token_f1": lambda idx: f1[idx].mean(),
+            "loss": lambda idx: loss[idx].mean()}
+
+
+def interval(values) -> list[float]:
+    import numpy as np
+
+    tail = 100 * (1 - CONFIDENCE) / 2
+    return [float(v) for v in np.percentile(values, [tail, 100 - tail])]
+
+
+def paired_bootstrap(base_metric, adapter_metric, n: int, samples: int, seed: int) -> dict:
+    """Point estimates and 95% intervals of base, adapter and adapter - base, on the same resampled examples."""
+    import numpy as np
+
+    everything = np.arange(n)
+    resamples = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    base = np.array([base_metric(idx) for idx in resamples])
+    adapter = np.array([adapter_metric(idx) for idx in resamples])
+    base_value, adapter_value = float(base_metric(everything)), float(adapter_metric(everything))
+    return {"base": base_value, "adapter": adapter_value, "delta": adapter_value - base_value,
+            "base_ci": interval(base), "adapter_ci": interval(adapter), "delta_ci": interval(adapter - base)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the comparison and writing the report
+# ---------------------------------------------------------------------------------------------------------------
+@contextmanager
+def training_layout_4bit(model):
+    """Keep 4-bit weights as training used them. In eval mode on a CPU with AVX512-BF16, bitsandbytes repacks them for
+    inference, rounding their scales to bf16, and cannot undo it exactly: the base would no longer be the one the
+    adapter was trained on, and a model evaluated at the end of training would be left altered."""
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]  # bnb Linear4bit only
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True
+
+
+def compare(model, tokenizer, tasks: list[Task], args: EvalArguments) -> dict:
+    """Every task with the adapter switched off (base) and on: the `tasks` part of eval_report.json."""
+    with training_layout_4bit(model):
+        return _compare(model, tokenizer, tasks, args)
+
+
+def _compare(model, tokenizer, tasks: list[Task], args: EvalArguments) -> dict:
+    was_training = model.training
+    model.eval()  # no dropout; the end of a training run hands over its model in train mode
+    report = {}
+    for task in tasks:
+        with model.disable_adapter():
+            base = predict(model, tokenizer, task, args, "base")
+        adapter = predict(model, tokenizer, task, args, "adapter")
+        base_metrics, adapter_metrics = per_example_metrics(task, base), per_example_metrics(task, adapter)
+        metrics = {name: {"higher_is_better": name not in LOWER_IS_BETTER,
+                          **paired_bootstrap(base_metrics[name], adapter_metrics[name], len(task.items),
+                                             args.bootstrap_samples, args.seed)}
+                   for name in base_metrics}
+        headline = HEADLINE[task.kind]
+        examples = [{"prompt": next((m["content"] for m in reversed(item.prompt) if m["role"] == "user"), ""),
+                     "reference": item.reference, "base": b, "adapter": a}
+                    for item, b, a in zip(task.items, base.answers, adapter.answers)][: args.num_examples]
+        report[task.name] = {
+            "metric": headline, "n": len(task.items), **metrics[headline], "kind": task.kind, "metrics": metrics,
+            "source": task.source, "split": task.split, "dropped": task.dropped, "trained_on": task.trained_on,
+            "truncated": adapter.truncated, "examples": examples,
+        }
+        print(f"{task.name}: {headline} base {report[task.name]['base']:.3f} -> adapter "
+              f"{report[task.name]['adapter']:.3f} (n={len(task.items)})")
+    model.train(was_training)
+    return report
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def _value(entry: dict, key: str) -> str:
+    sign = "+" if key == "delta" else ""
+    low, high = entry[f"{key}_ci"]
+    return f"{entry[key]:{sign}.3f} [{low:{sign}.3f}, {high:{sign}.3f}]"
+
+
+def markdown_report(report: dict) -> str:
+    lines = ["# Base model vs adapter", "",
+             f"Adapter `{report['adapter']}` on base `{report['base_model']}` ({report['quantization']}). "
+             f"Intervals: {int(100 * CONFIDENCE)}% percentile bootstrap over examples "
+             f"({report['bootstrap']['samples']} resamples, seed {report['bootstrap']['seed']}); "
+             "delta = adapter - base on the same resamples.", "",
+             "| task | metric | n | base | adapter | delta |", "|---|---|---:|---|---|---|"]
+    for name, task in report["tasks"].items():
+        for metric, entry in task["metrics"].items():
+            better = "higher is better" if entry["higher_is_better"] else "lower is better"
+            lines.append(f"| {name if metric == task['metric'] else ''} | {metric} ({better}) | {task['n']} | "
+                         f"{_value(entry, 'base')} | {_value(entry, 'adapter')} | {_value(entry, 'delta')} |")
+    notes = [f"- `{name}`: training data of this adapter (memorisation, not generalisation)"
+             for name, task in report["tasks"].items() if task["trained_on"]]
+    notes += [f"- `{name}`: {', '.join(f'{n} {reason}' for reason, n in task['dropped'].items())} dropped by the "
+              "converter" for name, task in report["tasks"].items() if task["dropped"]]
+    notes += [f"- `{name}`: {task['truncated']} prompts cut from the left to fit max_length"
+              for name, task in report["tasks"].items() if task["truncated"]]
+    notes += [f"- skipped: {line}" for line in report["skipped"]]
+    if notes:
+        lines += ["", *notes]
+    lines += ["", "## Examples", ""]
+    for name, task in report["tasks"].items():
+        lines += [f"### {name}", "", "| prompt | reference | base | adapter |", "|---|---|---|---|"]
+        lines += [f"| {_cell(e['prompt'])} | {_cell(e['reference'])} | {_cell(e['base'])} | {_cell(e['adapter'])} |"
+                  for e in task["examples"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(tasks: dict, output_dir: Path, meta: dict) -> Path:
+    """eval_report.json, eval_report.md and eval_report.png in output_dir; returns the JSON path."""
+    from .plots import plot_eval_report
+    from .run_card import write_json
+
+    output_dir = Path(output_dir)
+    report = {**meta, "tasks": tasks}
+    path = write_json(output_dir / "eval_report.json", report)
+    (output_dir / "eval_report.md").write_text(markdown_report(report), encoding="utf-8")
+    plot_eval_report(tasks, output_dir / "eval_report.png")
+    return path
+
+
+def report_meta(adapter: str, base_model: str, quantization: str, args: EvalArguments, skipped: list[str]) -> dict:
+    return {"adapter": str(adapter), "base_model": base_model, "quantization": quantization,
+            "bootstrap": {"samples": args.bootstrap_samples, "seed": args.seed, "confidence": CONFIDENCE},
+            "settings": asdict(args), "skipped": skipped}
+
+
+def describe_quantization(model_args) -> str:
+    if model_args.load_in_4bit:
+        nested = " + double quantisation" if model_args.use_bnb_nested_quant else ""
+        return f"4-bit {model_args.bnb_4bit_quant_type}{nested}, compute {model_args.dtype}"
+    if model_args.load_in_8bit:
+        return "8-bit"
+    return f"not quantised, {model_args.dtype}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two entry points: recipes/evaluate.py (a saved adapter) and the end of a training run (the model in memory)
+# ---------------------------------------------------------------------------------------------------------------
+def open_adapter(folder: str) -> tuple[Path, dict | None]:
+    """(adapter folder, its run card or None) with a one-line error when the folder holds no adapter."""
+    adapter = Path(folder)
+    if not (adapter / "adapter_config.json").is_file():
+        raise RecipeError(f"{adapter}: not an adapter folder (no adapter_config.json); pass a recipe's output_dir")
+    card_path = adapter / "run_card.json"
+    return adapter, json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else None
+
+
+def load_domain(name: str | None, card: dict | None) -> ModuleType:
+    """The data module `data/<domain>.py`: named, or the one of the recipe that trained the adapter."""
+    if name is None and card is not None:
+        name = Path(card["recipe"]).stem.removeprefix("sft_")
+    available = sorted(p.stem for p in Path(__file__).resolve().parents[1].joinpath("data").glob("*.py")
+                       if not p.stem.startswith("_"))
+    if name not in available:
+        raise RecipeError(f"unknown domain '{name}': pass --domain, one of {', '.join(available)}")
+    return importlib.import_module(f"data.{name}")
+
+
+def base_model_args(adapter: Path, card: dict | None, model_name_or_path: str | None):
+    """The base model as it was trained: quantisation and dtype from run_card.json, the name from the adapter."""
+    import torch
+    from trl import ModelConfig
+
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    name = model_name_or_path or adapter_config.get("base_model_name_or_path")
+    if not name:
+        raise RecipeError(f"{adapter}/adapter_config.json names no base model: pass --model_name_or_path")
+    if card is None:
+        print(f"note: {adapter} has no run_card.json: loading the base in 4-bit NF4 (the recipes' default)")
+        trained = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": True,
+                   "dtype": "bfloat16" if torch.cuda.is_available() else "float32"}
+    else:
+        known = {f.name for f in fields(ModelConfig)}
+        trained = {k: v for k, v in card["config"]["model"].items() if k in known}
+    return ModelConfig(**{**trained, "model_name_or_path": name})
+
+
+def load_for_evaluation(adapter: Path, card: dict | None, model_name_or_path: str | None):
+    """(base model with the adapter on top, tokenizer, base model args) for a saved adapter folder."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .model import load_model
+
+    model_args = base_model_args(adapter, card, model_name_or_path)
+    trust_remote_code = bool(card and card.get("trust_remote_code"))
+    # The tokenizer saved with the adapter carries the chat template it was trained with
+    tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        raise RecipeError(f"tokenizer of {tokenizer_source} has no chat template to build prompts with")
+    if tokenizer.pad_token_id is None:
+        raise RecipeError(f"tokenizer of {tokenizer_source} has no pad token")
+    # load_model reads two training settings: where to place quantised weights, and whether to run remote code
+    base = load_model(model_args, SimpleNamespace(use_cpu=not torch.cuda.is_available(),
+                                                  trust_remote_code=trust_remote_code))
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    return model, tokenizer, model_args
+
+
+def evaluate_after_training(trainer, domain: ModuleType, held_out, data_args, training_args, model_args) -> None:
+    """The end of a recipe: base vs adapter on the held-out split and, when reachable, the domain's standard sets."""
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        print("End-of-training evaluation skipped: the model is sharded across processes. Run "
+              f"`python recipes/evaluate.py --adapter {training_args.output_dir} --output_dir OUT` instead")
+        return
+    args = EvalArguments(adapter=training_args.output_dir, output_dir=training_args.output_dir,
+                         limit=data_args.eval_after_training_limit,
+                         batch_size=training_args.per_device_eval_batch_size,
+                         max_length=training_args.max_length or 2048)
+    tasks = build_tasks("held_out", held_out["messages"], domain, args.limit,
+                        source="held-out split of the training sources") if held_out is not None else []
+    skipped = ["the domain's standard sets (eval_after_training_standard_sets is false)"]
+    if data_args.eval_after_training_standard_sets:
+        standard, skipped = standard_tasks(domain, args.limit)
+        tasks += standard
+    if not tasks:
+        print("End-of-training evaluation: nothing to evaluate (no held-out split; " + "; ".join(skipped) + ")")
+        return
+    results = compare(trainer.model, trainer.processing_class, tasks, args)
+    meta = report_meta(args.adapter, model_args.model_name_or_path, describe_quantization(model_args), args, skipped)
+    path = write_report(results, Path(training_args.output_dir), meta)
+    print(f"Evaluation report (base vs adapter): {path.with_suffix('.md')}")
