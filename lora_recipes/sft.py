@@ -12,6 +12,7 @@ from types import ModuleType
 
 from .config import DataArguments, parse_args
 from .data import prepare_data
+from .distributed import launch_strategy, prepare_data_once, remove_data_cache
 from .errors import RecipeError, exit_on_recipe_error
 from .model import load_model, load_tokenizer
 from .run_card import config_dict, git_commit, package_versions, write_json
@@ -27,20 +28,19 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     # 2. Tokenizer, with a chat template that puts only the assistant turns (and their EOS) in the loss
     tokenizer = load_tokenizer(model_args, training_args)
 
-    # 3. Data: each source converted to chat messages, validated, deduplicated and split; the main process
-    #    prepares it first and the other ranks reuse the cache
+    # 3. Data: each source converted to chat messages, validated, deduplicated and split; the main process of each
+    #    machine prepares it, every rank reads that copy
     refused = sorted(set(data_args.dataset_name) & set(domain.EVAL_ONLY))
     if refused:
         raise RecipeError(f"{', '.join(refused)} is evaluation-only and is never trained on")
-    with training_args.main_process_first(desc="data preparation"):
-        data = prepare_data(
-            data_args.dataset_name,
-            domain.SCHEMAS,
-            eval_fraction=data_args.eval_fraction,
-            seed=training_args.seed,
-            max_rows_per_source=data_args.max_rows_per_source,
-            num_proc=training_args.dataset_num_proc,
-        )
+    data = prepare_data_once(training_args, lambda: prepare_data(
+        data_args.dataset_name,
+        domain.SCHEMAS,
+        eval_fraction=data_args.eval_fraction,
+        seed=training_args.seed,
+        max_rows_per_source=data_args.max_rows_per_source,
+        num_proc=training_args.dataset_num_proc,
+    ))
     if data.eval is None and training_args.eval_strategy != "no":
         raise RecipeError("the eval split is empty: raise eval_fraction, add data, or set eval_strategy 'no'")
     if training_args.process_index == 0:
@@ -79,6 +79,8 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
             "base_model": model_args.model_name_or_path,
             "trust_remote_code": training_args.trust_remote_code,
             "global_batch_size": global_batch,
+            "num_processes": training_args.world_size,
+            "strategy": launch_strategy(training_args),
             "data": [asdict(s) for s in data.sources],
             "metrics": metrics,
             "config": {
@@ -90,6 +92,9 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
             "git_commit": git_commit(),
         })
     trainer.accelerator.print(f"Adapter, tokenizer and run card saved to {training_args.output_dir}")
+    # Every rank leaves together: one still finishing a gloo collective while another exits can deadlock at exit
+    trainer.accelerator.wait_for_everyone()
+    remove_data_cache(training_args)
     trainer.accelerator.end_training()
     return trainer
 
