@@ -175,6 +175,28 @@ def test_on_cpu_fsdp_and_deepspeed_run_as_ddp(monkeypatch):
     assert combination_error("fsdp_qlora.yaml", [], monkeypatch) is not None  # the same launch on GPUs: refused
 
 
+@pytest.mark.parametrize("config_name, device_map", [
+    ("single_gpu.yaml", {"": 0}), ("multi_gpu.yaml", {"": 0}), ("fsdp_qlora.yaml", None),
+    ("deepspeed_zero2.yaml", None), ("deepspeed_zero3.yaml", None)])
+def test_quantised_model_placement_per_strategy(config_name, device_map, monkeypatch):
+    """On GPUs a quantised model goes whole onto the process's own GPU (its local rank, 0 here) for one process and
+    DDP; FSDP and DeepSpeed place it themselves (ZeRO-3 refuses any device_map). from_pretrained is intercepted."""
+    import torch
+    import transformers
+
+    from lora_recipes.model import load_model
+
+    _, training_args, model_args = parse_args(SMOKE, ["--use_cpu", "false", *FOUR_BIT_BF16])
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: calls.append(kw))
+    with monkeypatch.context() as patch:
+        for key, value in launch_env(CONFIGS / config_name).items():
+            patch.setenv(key, value)
+        load_model(model_args, training_args)
+    assert calls[0]["device_map"] == device_map and calls[0]["quantization_config"].load_in_4bit
+
+
 def test_refused_before_the_model_loads_in_one_line():
     # one process of an FSDP launch (without WORLD_SIZE, which would wait for the other 7 to join)
     env = {**os.environ, **launch_env(CONFIGS / "fsdp_qlora.yaml")}
