@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .distributed import strategy_problems
 from .errors import RecipeError
 
 
@@ -61,6 +62,9 @@ def parse_args(default_config: Path, argv: list[str] | None = None):
         data_args, training_args, model_args = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
     except ValueError as e:  # unknown keys, 4-bit with 8-bit, bad values rejected by the dataclasses
         raise RecipeError(f"{config_path} + command line: {str(e).strip().splitlines()[0]}") from None
+    except ImportError as e:  # e.g. a DeepSpeed accelerate config on a machine without deepspeed
+        raise RecipeError(f"the launch needs a package that is not installed: {str(e).strip().splitlines()[0]} "
+                          "(DeepSpeed configs: pip install deepspeed)") from None
     check_args(data_args, training_args, model_args)
     return data_args, training_args, model_args
 
@@ -95,5 +99,6 @@ def check_args(data_args: DataArguments, training_args, model_args) -> None:
         problems.append(f"max_length must be > 0, got {training_args.max_length}")
     if training_args.padding_free and not training_args.packing and training_args.max_length is not None:
         problems.append("padding_free needs packing true or max_length null (TRL)")
+    problems += strategy_problems(training_args, model_args)  # quantisation x DDP / FSDP / ZeRO, from the launch
     if problems:
         raise RecipeError("; ".join(problems))

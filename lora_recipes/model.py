@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from .distributed import launch_strategy
 from .errors import RecipeError
 
 # Distinct pad tokens that popular families ship without setting `pad_token` (Llama 3 has no pad token).
@@ -79,9 +80,12 @@ def load_model(model_args, training_args):
     from transformers import AutoModelForCausalLM
 
     quant = quantization_config(model_args)
-    # Quantised weights cannot be moved after loading: place them on this process's device from the start
+    # Quantised weights cannot be moved after loading: alone or under DDP, each process loads the whole model onto its
+    # own GPU (its local rank, the same numbering on every machine). FSDP and DeepSpeed place and shard the weights
+    # themselves (ZeRO-3 refuses a device_map); bitsandbytes then quantises on the GPU accelerate gave this process.
     device_map = None
-    if quant is not None and torch.cuda.is_available() and not training_args.use_cpu:
+    if (quant is not None and torch.cuda.is_available() and not training_args.use_cpu
+            and launch_strategy(training_args) in ("single", "ddp")):
         device_map = {"": PartialState().local_process_index}
     name = model_args.model_name_or_path
     try:

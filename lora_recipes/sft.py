@@ -13,6 +13,7 @@ from types import ModuleType
 from .config import DataArguments, parse_args
 from .data import prepare_data
 from .data_card import write_data_card
+from .distributed import launch_strategy, prepare_data_once, remove_data_cache
 from .errors import RecipeError, exit_on_recipe_error
 from .evaluation import evaluate_after_training
 from .model import load_model, load_tokenizer
@@ -31,26 +32,26 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     # 2. Tokenizer, with a chat template that puts only the assistant turns (and their EOS) in the loss
     tokenizer = load_tokenizer(model_args, training_args)
 
-    # 3. Data: each source converted to chat messages, validated, deduplicated and split; the main process
-    #    prepares it first and the other ranks reuse the cache. The data card (counts, token lengths, train/eval
+    # 3. Data: each source converted to chat messages, validated, deduplicated and split; the main process of each
+    #    machine prepares it, every rank reads that copy. The data card (counts, token lengths, train/eval
     #    overlap) is written before any model loads, so a data problem costs seconds, not a GPU hour
     refused = sorted(set(data_args.dataset_name) & set(domain.EVAL_ONLY))
     if refused:
         raise RecipeError(f"{', '.join(refused)} is evaluation-only and is never trained on")
-    with training_args.main_process_first(desc="data preparation"):
-        data = prepare_data(
-            data_args.dataset_name,
-            domain.SCHEMAS,
-            eval_fraction=data_args.eval_fraction,
-            seed=training_args.seed,
-            max_rows_per_source=data_args.max_rows_per_source,
-            num_proc=training_args.dataset_num_proc,
-        )
+    data = prepare_data_once(training_args, lambda: prepare_data(
+        data_args.dataset_name,
+        domain.SCHEMAS,
+        eval_fraction=data_args.eval_fraction,
+        seed=training_args.seed,
+        max_rows_per_source=data_args.max_rows_per_source,
+        num_proc=training_args.dataset_num_proc,
+    ))
     if training_args.process_index == 0:
         print(data.summary())
         write_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
                         training_args.assistant_only_loss, training_args.dataset_num_proc)
     if data_args.data_card_only:
+        remove_data_cache(training_args)
         return None
     if data.eval is None and training_args.eval_strategy != "no":
         raise RecipeError("the eval split is empty: raise eval_fraction, add data, or set eval_strategy 'no'")
@@ -89,6 +90,8 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
             "system_prompt": domain.SYSTEM_PROMPT,  # chat.py uses it by default: the prompt the adapter knows
             "trust_remote_code": training_args.trust_remote_code,
             "global_batch_size": global_batch,
+            "num_processes": training_args.world_size,
+            "strategy": launch_strategy(training_args),
             "data": [asdict(s) for s in data.sources],
             "metrics": metrics,
             "config": {
@@ -106,6 +109,9 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         plot_loss_curve(trainer.state.log_history, Path(training_args.output_dir) / "loss_curve.png")
         if data_args.eval_after_training:
             evaluate_after_training(trainer, domain, data.eval, data_args, training_args, model_args)
+    # Every rank leaves together: one still finishing a gloo collective while another exits can deadlock at exit
+    trainer.accelerator.wait_for_everyone()
+    remove_data_cache(training_args)
     trainer.accelerator.end_training()
     return trainer
 

@@ -7,8 +7,8 @@ Offline demo (CPU, no network, tiny bundled model and synthetic samples, about a
     accelerate launch recipes/sft_medical.py --config recipes/configs/medical_smoke.yaml \
         --output_dir outputs/medical-smoke
 
-Several GPUs (DDP), your own data, any setting from the YAML on the command line:
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/sft_medical.py \
+Several GPUs (DDP, one process per GPU; FSDP, DeepSpeed and SLURM: README), your own data, any YAML setting:
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes 4 recipes/sft_medical.py \
         --dataset_name my_cases.jsonl GBaker/MedQA-USMLE-4-options --lora_r 32 --output_dir outputs/medical-r32
 
 Data: MedQA-USMLE (train), MedMCQA (train) and the medalpaca flashcards, converted by data/medical.py.
