@@ -5,16 +5,17 @@ Unknown keys fail loudly, and the cross-field checks run once, before any model 
 """
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .distributed import strategy_problems
 from .errors import RecipeError
+from .run_card import secret_env
 
 
 @dataclass
 class DataArguments:
-    """Where the training data comes from and how it is split."""
+    """Where the training data comes from, how it is split, and whether a finished run may be replaced."""
 
     dataset_name: list[str] | None = field(
         default=None,
@@ -45,6 +46,16 @@ class DataArguments:
         default=True, metadata={"help": "Include the domain's standard evaluation sets (Hub; skipped when out of "
                                         "reach) in the end-of-training evaluation, not only the held-out split."},
     )
+    eval_dataset_name: list[str] | None = field(
+        default=None,
+        metadata={"help": "Eval sources (same forms as dataset_name) instead of a split of dataset_name; training "
+                          "rows that repeat an eval row are dropped (counted)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a finished run in output_dir (or start an unfinished one afresh instead of "
+                          "resuming it). Off: a finished run is refused, an unfinished one resumes."},
+    )
 
 
 def parse_args(default_config: Path, argv: list[str] | None = None):
@@ -57,7 +68,16 @@ def parse_args(default_config: Path, argv: list[str] | None = None):
     config_path = Path(argv[argv.index("--config") + 1])
     if not config_path.is_file():
         raise RecipeError(f"{config_path}: config file not found")
-    parser = TrlParser((DataArguments, SFTConfig, ModelConfig))
+    # No abbreviations (a typo that is a prefix of a flag must not pass as that flag); argparse's own errors (a value
+    # of the wrong type, a missing value) become one line instead of the whole usage text
+    parser = TrlParser((DataArguments, SFTConfig, ModelConfig), allow_abbrev=False)
+
+    def one_line_error(message):
+        if message.endswith("expected one argument"):
+            message += " (give a value that starts with '-' as --flag=VALUE)"
+        raise RecipeError(f"{config_path} + command line: {message}")
+
+    parser.error = one_line_error
     try:
         data_args, training_args, model_args = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
     except ValueError as e:  # unknown keys, 4-bit with 8-bit, bad values rejected by the dataclasses
@@ -78,7 +98,7 @@ def check_args(data_args: DataArguments, training_args, model_args) -> None:
         problems.append(f"eval_after_training_limit must be > 0, got {data_args.eval_after_training_limit}")
     if not 0 <= data_args.eval_fraction < 1:
         problems.append(f"eval_fraction must be in [0, 1), got {data_args.eval_fraction}")
-    if data_args.eval_fraction == 0 and training_args.eval_strategy != "no":
+    if data_args.eval_fraction == 0 and not data_args.eval_dataset_name and training_args.eval_strategy != "no":
         problems.append("eval_fraction is 0 but eval_strategy is not 'no': there would be nothing to evaluate")
     if model_args.model_name_or_path is None:
         problems.append("model_name_or_path is not set")
@@ -100,5 +120,21 @@ def check_args(data_args: DataArguments, training_args, model_args) -> None:
     if training_args.padding_free and not training_args.packing and training_args.max_length is not None:
         problems.append("padding_free needs packing true or max_length null (TRL)")
     problems += strategy_problems(training_args, model_args)  # quantisation x DDP / FSDP / ZeRO, from the launch
+    if training_args.hub_token:
+        problems.append("hub_token: keep the token in the HF_TOKEN environment variable or `hf auth login`; an "
+                        "argument is pickled into every checkpoint's training_args.bin")
+    problems += secrets_in_args(data_args, training_args, model_args)
     if problems:
         raise RecipeError("; ".join(problems))
+
+
+def secrets_in_args(*configs) -> list[str]:
+    """Arguments that hold a secret from the environment: they would reach the run card, logs and checkpoints."""
+    secrets = secret_env()
+    found = []
+    for config in configs:
+        for f in fields(config):
+            text = str(getattr(config, f.name))
+            found += [f"{f.name} holds the value of the environment variable {name}: secrets stay in the environment"
+                      for name, value in secrets.items() if value in text and f.name != "hub_token"]
+    return found

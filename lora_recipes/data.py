@@ -64,6 +64,7 @@ class SourceReport:
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count, duplicates included
     train: int = 0
     eval: int = 0
+    truncated: int = 0  # kept rows longer than max_length tokens, which SFTTrainer cuts
 
 
 @dataclass
@@ -78,6 +79,8 @@ class PreparedData:
             dropped = ", ".join(f"{n} {reason}" for reason, n in s.dropped.items()) or "-"
             lines.append(f"{s.source[-60:]:<60} {s.schema:<11} {s.read:>7} {s.kept:>7} {s.train:>7} {s.eval:>6}  "
                          f"{dropped}")
+        lines += [f"{s.source}: {s.truncated} rows longer than max_length are truncated" for s in self.sources
+                  if s.truncated]
         lines.append(f"total: {sum(s.read for s in self.sources)} read, {len(self.train)} train, "
                      f"{len(self.eval) if self.eval is not None else 0} eval")
         return "\n".join(lines)
@@ -330,6 +333,41 @@ def _in_eval(split_key: str, seed: int, eval_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 
 
+@dataclass(frozen=True)
+class TokenBudget:
+    """How SFTTrainer will cut each row: its chat-template tokens, truncated to `max_length`."""
+
+    tokenizer: object
+    max_length: int
+    keep_end: bool = False  # truncation_mode 'keep_end'
+    assistant_only_loss: bool = False  # then a row whose answer is cut off entirely has no loss (TRL drops it)
+
+    def fit(self, examples: list[dict], source: str, report: SourceReport, drops: Counter) -> list[dict]:
+        """The rows that still train once cut; counts the truncated ones, drops (counted) those left without answer."""
+        window = slice(-self.max_length, None) if self.keep_end else slice(None, self.max_length)
+        fitting, shortest = [], None
+        for start in range(0, len(examples), 1000):  # bounded memory: token ids live for one chunk only
+            chunk = examples[start:start + 1000]
+            # verbose=False: the tokenizer's warning that long rows cause "indexing errors" is wrong here: they are
+            # cut to max_length, and counted
+            encoded = self.tokenizer.apply_chat_template(
+                [e["messages"] for e in chunk], tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=self.assistant_only_loss, tokenizer_kwargs={"verbose": False},
+            )
+            for i, example in enumerate(chunk):
+                length = len(encoded["input_ids"][i])
+                shortest = length if shortest is None else min(shortest, length)
+                report.truncated += length > self.max_length
+                if self.assistant_only_loss and 1 not in encoded["assistant_masks"][i][window]:
+                    drops["answer cut off by max_length"] += 1
+                else:
+                    fitting.append(example)
+        if shortest is not None and shortest > self.max_length:
+            raise RecipeError(f"{source}: every row is longer than max_length={self.max_length} tokens (the shortest "
+                              f"has {shortest}): raise --max_length or shorten the rows")
+        return fitting
+
+
 def prepare_data(
     sources: list[str],
     schemas: list[Schema],
@@ -337,26 +375,41 @@ def prepare_data(
     seed: int = 42,
     max_rows_per_source: int | None = None,
     num_proc: int | None = None,
+    eval_sources: list[str] | None = None,
+    budget: TokenBudget | None = None,
 ) -> PreparedData:
-    """Every source converted, validated, deduplicated across sources and split into train/eval."""
+    """Every source converted, validated, deduplicated across sources and split into train/eval.
+
+    With `eval_sources`, they are the eval set and every row of `sources` trains, except rows that repeat an eval
+    row (dropped, counted). With `budget`, rows longer than max_length are counted and rows it would leave without
+    an answer are dropped (counted). A source that keeps no row at all is an error, with the reasons.
+    """
     from datasets import Dataset
 
     seen: set[str] = set()
+    held_out: set[str] = set()
     train_rows, eval_rows, reports = [], [], []
-    for source in sources:
+    for is_eval, source in [(True, s) for s in eval_sources or []] + [(False, s) for s in sources]:
         converted, schema_name = _load_source(source, schemas, max_rows_per_source, num_proc)
         report = SourceReport(source=source, schema=schema_name, read=len(converted))
         drops = Counter()
+        kept = []
         for example in converted:
             if example["drop_reason"]:
                 drops[example["drop_reason"]] += 1
                 continue
             key = content_key(example["messages"])
             if key in seen:
-                drops["duplicate"] += 1
+                drops["in the eval set" if key in held_out and not is_eval else "duplicate"] += 1
                 continue
             seen.add(key)
-            if _in_eval(example["split_key"], seed, eval_fraction):
+            if is_eval:
+                held_out.add(key)
+            kept.append(example)
+        if budget is not None:
+            kept = budget.fit(kept, source, report, drops)
+        for example in kept:
+            if is_eval or (not eval_sources and _in_eval(example["split_key"], seed, eval_fraction)):
                 eval_rows.append({"messages": example["messages"]})
                 report.eval += 1
             else:
@@ -365,13 +418,13 @@ def prepare_data(
         report.kept = report.train + report.eval
         report.dropped = dict(drops.most_common())
         reports.append(report)
+        if not report.kept:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in drops.most_common())
+            raise RecipeError(f"{source}: no row left to {'evaluate' if is_eval else 'train'} on (dropped: {reasons})")
 
     if not train_rows:
-        dropped = Counter()
-        for report in reports:
-            dropped.update(report.dropped)
-        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common()) or "no rows"
-        raise RecipeError(f"no training rows left from {', '.join(sources)} (dropped: {reasons})")
+        raise RecipeError(f"no training rows left from {', '.join(sources)}: all {len(eval_rows)} kept rows fell in "
+                          "the eval split; lower eval_fraction or add data")
     return PreparedData(
         train=Dataset.from_list(train_rows),
         eval=Dataset.from_list(eval_rows) if eval_rows else None,

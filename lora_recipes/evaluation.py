@@ -332,7 +332,7 @@ def predict(model, tokenizer, task: Task, args: EvalArguments, label: str) -> Pr
     contexts = [encode(_prompt_text(tokenizer, item.prompt)) for item in task.items]
     if task.kind != "open":
         requests, owners, truncated = [], [], set()
-        for index, (item, context) in enumerate(zip(task.items, contexts)):
+        for index, (item, context) in enumerate(zip(task.items, contexts, strict=False)):
             for option in item.options:
                 *request, cut = _fit(context, encode(option), args.max_length)
                 requests.append(request)
@@ -342,25 +342,25 @@ def predict(model, tokenizer, task: Task, args: EvalArguments, label: str) -> Pr
         scores = continuation_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
                                        desc=f"{task.name} [{label}] options")
         per_item: list[list[float]] = [[] for _ in task.items]
-        for owner, score in zip(owners, scores):
+        for owner, score in zip(owners, scores, strict=False):
             per_item[owner].append(score)
         picks = [max(range(len(s)), key=s.__getitem__) for s in per_item]
-        return Predictions(picks=picks, answers=[item.show(p) for item, p in zip(task.items, picks)],
+        return Predictions(picks=picks, answers=[item.show(p) for item, p in zip(task.items, picks, strict=False)],
                            truncated=len(truncated))
 
     references = [encode(_answer_text(tokenizer, item)) for item in task.items]
-    fitted = [_fit(context, reference, args.max_length) for context, reference in zip(contexts, references)]
+    fitted = [_fit(context, reference, args.max_length) for context, reference in zip(contexts, references, strict=False)]
     requests = [(context, continuation) for context, continuation, _ in fitted]
     scores = continuation_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
                                    desc=f"{task.name} [{label}] reference loss")
-    losses = [-score / len(continuation) for score, (_, continuation) in zip(scores, requests)]
+    losses = [-score / len(continuation) for score, (_, continuation) in zip(scores, requests, strict=False)]
     budgets = [min(args.max_new_tokens, 2 * len(encode(item.reference)) + 16, args.max_length - 1)
                for item in task.items]
-    prompts = [context[-(args.max_length - budget):] for context, budget in zip(contexts, budgets)]
+    prompts = [context[-(args.max_length - budget):] for context, budget in zip(contexts, budgets, strict=False)]
     answers = greedy_generations(model, tokenizer, prompts, budgets, args.batch_size,
                                  desc=f"{task.name} [{label}] generation")
     truncated = sum(cut or len(prompt) < len(context)
-                    for (_, _, cut), prompt, context in zip(fitted, prompts, contexts))
+                    for (_, _, cut), prompt, context in zip(fitted, prompts, contexts, strict=False))
     return Predictions(answers=answers, losses=losses, truncated=truncated)
 
 
@@ -424,7 +424,7 @@ def per_example_metrics(task: Task, predictions: Predictions) -> dict:
     import numpy as np
 
     if task.kind == "multiple_choice":
-        correct = np.array([p == item.answer for p, item in zip(predictions.picks, task.items)], dtype=float)
+        correct = np.array([p == item.answer for p, item in zip(predictions.picks, task.items, strict=False)], dtype=float)
         return {"accuracy": lambda idx: correct[idx].mean()}
     if task.kind == "classification":
         gold = np.array([item.answer for item in task.items])
@@ -432,8 +432,8 @@ def per_example_metrics(task: Task, predictions: Predictions) -> dict:
         num_labels = len(task.items[0].options)
         return {name: (lambda idx, name=name: classification_scores(gold[idx], picks[idx], num_labels)[name])
                 for name in ("accuracy", "macro_f1", "weighted_f1")}
-    rouge = np.array([rouge_l(a, item.reference) for a, item in zip(predictions.answers, task.items)])
-    f1 = np.array([token_f1(a, item.reference) for a, item in zip(predictions.answers, task.items)])
+    rouge = np.array([rouge_l(a, item.reference) for a, item in zip(predictions.answers, task.items, strict=False)])
+    f1 = np.array([token_f1(a, item.reference) for a, item in zip(predictions.answers, task.items, strict=False)])
     loss = np.array(predictions.losses)
     return {"rouge_l": lambda idx: rouge[idx].mean(), "token_f1": lambda idx: f1[idx].mean(),
             "loss": lambda idx: loss[idx].mean()}
@@ -499,7 +499,7 @@ def _compare(model, tokenizer, tasks: list[Task], args: EvalArguments) -> dict:
         headline = HEADLINE[task.kind]
         examples = [{"prompt": next((m["content"] for m in reversed(item.prompt) if m["role"] == "user"), ""),
                      "reference": item.reference, "base": b, "adapter": a}
-                    for item, b, a in zip(task.items, base.answers, adapter.answers)][: args.num_examples]
+                    for item, b, a in zip(task.items, base.answers, adapter.answers, strict=False)][: args.num_examples]
         report[task.name] = {
             "metric": headline, "n": len(task.items), **metrics[headline], "kind": task.kind, "metrics": metrics,
             "source": task.source, "split": task.split, "dropped": task.dropped, "trained_on": task.trained_on,

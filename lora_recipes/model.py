@@ -7,12 +7,13 @@ from .errors import RecipeError
 
 # Distinct pad tokens that popular families ship without setting `pad_token` (Llama 3 has no pad token).
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def _hub_error(what: str, name: str, error: Exception) -> RecipeError:
     problem = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if Path(name).is_absolute() or name.startswith((".", "/")) or Path(name).exists():
-        hint = "check the local path"
+        hint = "check the local path" if Path(name).exists() else "no such local folder"
     else:
         hint = ("offline or unreachable Hub? Pass a local folder with --model_name_or_path, or run the offline demo "
                 "with a *_smoke.yaml config")
@@ -88,6 +89,7 @@ def load_model(model_args, training_args):
             and launch_strategy(training_args) in ("single", "ddp")):
         device_map = {"": PartialState().local_process_index}
     name = model_args.model_name_or_path
+    refuse_pickled_weights(Path(name))
     try:
         return AutoModelForCausalLM.from_pretrained(
             name,
@@ -101,3 +103,13 @@ def load_model(model_args, training_args):
         )
     except (OSError, ValueError) as e:
         raise _hub_error("model", name, e) from None
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """A local model folder with weights only as pickles is refused: unpickling can run code, safetensors cannot."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+    if pickles:
+        raise RecipeError(f"model '{folder}': weights only as pickles ({', '.join(pickles)}); the recipes load "
+                          "safetensors only (a pickle can run code): convert them with a trusted tool first")

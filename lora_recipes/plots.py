@@ -18,7 +18,7 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> Path | None:
     axes = figure.subplots()
     for points, label, style in ((train, "train loss", "-"), (evaluation, "eval loss", "o--")):
         if points:
-            steps, losses = zip(*points)
+            steps, losses = zip(*points, strict=False)
             axes.plot(steps, losses, style, label=label)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (per assistant token)")

@@ -19,11 +19,14 @@ SECRET_NAME = re.compile(r"TOKEN|API_KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.
 NOT_SECRET_FIELDS = {"hub_token"}  # TrainingArguments keeps the token itself; the card never does
 
 
+def secret_env() -> dict[str, str]:
+    """Environment variables that look like secrets (named like one, and long enough to be a real one)."""
+    return {k: v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8}
+
+
 def secret_values() -> list[str]:
-    """Values of environment variables that look like secrets (long enough to be real ones)."""
-    return sorted(
-        {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8}, key=len, reverse=True
-    )
+    """The values of `secret_env`, longest first (so a secret containing another is replaced whole)."""
+    return sorted(set(secret_env().values()), key=len, reverse=True)
 
 
 def redact(obj, secrets: list[str] | None = None):

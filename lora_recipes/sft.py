@@ -11,13 +11,14 @@ from pathlib import Path
 from types import ModuleType
 
 from .config import DataArguments, parse_args
-from .data import prepare_data
+from .data import TokenBudget, prepare_data
 from .data_card import write_data_card
 from .distributed import launch_strategy, prepare_data_once, remove_data_cache
 from .errors import RecipeError, exit_on_recipe_error
 from .evaluation import evaluate_after_training
 from .model import load_model, load_tokenizer
 from .plots import plot_loss_curve
+from .reliability import KeepAdapterDtypesOnResume, StopOnNonFiniteLoss, failures_in_one_line, resume_point
 from .run_card import config_dict, git_commit, package_versions, write_json
 
 
@@ -26,15 +27,20 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     `data_card_only` stops the run after the data card."""
     from trl import SFTTrainer, get_peft_config
 
+    # 0. Output dir: a finished run is never overwritten unless asked; an unfinished one resumes from its last
+    #    complete checkpoint
+    resume_from = resume_point(data_args, training_args)
+
     # 1. Logging must never stop at an interactive wandb login
     configure_wandb(training_args.report_to)
 
     # 2. Tokenizer, with a chat template that puts only the assistant turns (and their EOS) in the loss
     tokenizer = load_tokenizer(model_args, training_args)
 
-    # 3. Data: each source converted to chat messages, validated, deduplicated and split; the main process of each
-    #    machine prepares it, every rank reads that copy. The data card (counts, token lengths, train/eval
-    #    overlap) is written before any model loads, so a data problem costs seconds, not a GPU hour
+    # 3. Data: each source converted to chat messages, validated, deduplicated and split, rows measured in tokens as
+    #    SFTTrainer will cut them; the main process of each machine prepares it, every rank reads that copy. The data
+    #    card (counts, token lengths, train/eval overlap) is written before any model loads, so a data problem costs
+    #    seconds, not a GPU hour
     refused = sorted(set(data_args.dataset_name) & set(domain.EVAL_ONLY))
     if refused:
         raise RecipeError(f"{', '.join(refused)} is evaluation-only and is never trained on")
@@ -45,6 +51,10 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         seed=training_args.seed,
         max_rows_per_source=data_args.max_rows_per_source,
         num_proc=training_args.dataset_num_proc,
+        eval_sources=data_args.eval_dataset_name,
+        budget=None if training_args.max_length is None else TokenBudget(
+            tokenizer, training_args.max_length, keep_end=training_args.truncation_mode == "keep_end",
+            assistant_only_loss=training_args.assistant_only_loss),
     ))
     if training_args.process_index == 0:
         print(data.summary())
@@ -65,6 +75,7 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         eval_dataset=data.eval if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        callbacks=[StopOnNonFiniteLoss(), KeepAdapterDtypesOnResume()],
     )
     global_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                     * training_args.world_size)
@@ -74,11 +85,12 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         f"= {global_batch} sequences/step; trainable parameters: {trainable_summary(trainer.model)}"
     )
 
-    # 5. Train; --resume_from_checkpoint continues an interrupted run from its last checkpoint
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = dict(result.metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+    # 5. Train (from the resume point); a NaN/inf loss stops it, out of memory ends in one line of advice
+    with failures_in_one_line(trainer):
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        metrics = dict(result.metrics)
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
 
     # 6. Save the adapter and tokenizer (with its chat template), the loss history and the run card
     trainer.save_model(training_args.output_dir)
@@ -89,6 +101,7 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
             "base_model": model_args.model_name_or_path,
             "system_prompt": domain.SYSTEM_PROMPT,  # chat.py uses it by default: the prompt the adapter knows
             "trust_remote_code": training_args.trust_remote_code,
+            "resumed_from": resume_from,
             "global_batch_size": global_batch,
             "num_processes": training_args.world_size,
             "strategy": launch_strategy(training_args),

@@ -187,7 +187,7 @@ def test_batched_scores_equal_the_log_softmax_of_each_sequence_alone(tiny_model,
              ("Hi", " Yes"), ("Fatigue and spoon-shaped nails suggest", " iron deficiency anemia.")]
     requests = [(tokenizer(c)["input_ids"], tokenizer(x, add_special_tokens=False)["input_ids"]) for c, x in texts]
     batched = continuation_logprobs(tiny_model, requests, batch_size=3, pad_id=tokenizer.pad_token_id)
-    for (context, continuation), score in zip(requests, batched):
+    for (context, continuation), score in zip(requests, batched, strict=False):
         with torch.no_grad():
             logits = tiny_model(torch.tensor([context + continuation])).logits[0]
         logprobs = logits[len(context) - 1:-1].log_softmax(-1)

@@ -1,0 +1,164 @@
+"""What survives what: a killed run resumes, a finished run is never overwritten, NaN/inf stops, OOM gives advice.
+
+- Killed (SIGKILL, preemption, a crash): rerunning the same command resumes from the last complete `checkpoint-N`
+  in `output_dir`. A checkpoint is complete once its `trainer_state.json` (the Trainer writes it last) is whole, so
+  a checkpoint cut short by the kill is skipped.
+- A finished run (its `run_card.json`, written last by the shared flow, exists) is never overwritten: the next run
+  into the same `output_dir` stops before anything loads unless `--overwrite_output_dir true` is given.
+- A NaN or infinite loss stops training before that update reaches the weights, so every checkpoint on disk holds
+  finite weights from before the failure.
+- Out of memory: one line with a smaller per-device batch and more accumulation that keep the global batch.
+
+Checkpoints hold pickles (`training_args.bin`, optimizer, scheduler and RNG state). transformers reads the state
+files with `torch.load(weights_only=True)` and never reads `training_args.bin`; the recipe resumes on its own only
+from its own `output_dir`, and from elsewhere only when `--resume_from_checkpoint PATH` names it.
+"""
+
+import json
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import ProgressCallback, TrainerCallback
+
+from .errors import RecipeError
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKER = "trainer_state.json"  # the Trainer writes it after the weights, optimizer and RNG state
+FINISHED_MARKER = "run_card.json"  # the shared flow writes it after the final adapter
+
+
+def checkpoints(output_dir) -> list[Path]:
+    """The `checkpoint-N` folders of `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Whether the Trainer finished writing this checkpoint: its trainer_state.json exists and parses."""
+    try:
+        json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_checkpoint(output_dir) -> Path | None:
+    """The newest complete checkpoint; one that a kill cut short is skipped."""
+    complete = [p for p in checkpoints(output_dir) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def resume_point(data_args, training_args) -> str | None:
+    """The checkpoint training continues from, or None for a fresh start; refuses to overwrite a finished run.
+
+    `--resume_from_checkpoint PATH` wins; `--resume_from_checkpoint true` means the last checkpoint of output_dir.
+    Without it: `--overwrite_output_dir true` starts afresh (removing the old checkpoints and run card, so a later
+    resume can never pick a stale one), a finished run is refused, and an unfinished one resumes automatically.
+    """
+    output_dir = Path(training_args.output_dir)
+    requested = training_args.resume_from_checkpoint
+    if requested and requested.lower() != "true":
+        if not is_complete(Path(requested)):
+            raise RecipeError(f"--resume_from_checkpoint {requested}: not a complete checkpoint folder (no "
+                              f"{COMPLETE_MARKER}); pass a checkpoint-N folder of an earlier run")
+        return requested
+    if data_args.overwrite_output_dir:
+        old = checkpoints(output_dir)
+        if training_args.process_index == 0 and (old or (output_dir / FINISHED_MARKER).exists()):
+            for path in old:
+                shutil.rmtree(path)
+            (output_dir / FINISHED_MARKER).unlink(missing_ok=True)
+            print(f"overwrite_output_dir: removed the run card and {len(old)} checkpoints of the previous run in "
+                  f"{output_dir}")
+        return None
+    if (output_dir / FINISHED_MARKER).is_file():
+        raise RecipeError(f"{output_dir} holds a finished run ({FINISHED_MARKER}): pass --overwrite_output_dir true "
+                          "to replace it, or choose another --output_dir")
+    last = last_checkpoint(output_dir)
+    if requested and last is None:
+        raise RecipeError(f"--resume_from_checkpoint true: {output_dir} holds no complete checkpoint to resume from")
+    if last is not None and training_args.process_index == 0:
+        print(f"resuming from {last}: {output_dir} holds an unfinished run (--overwrite_output_dir true starts "
+              "afresh)")
+    return str(last) if last else None
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first step whose loss is NaN or infinite, before its update reaches the weights.
+
+    TRL's fused loss does not reach callbacks, and the Trainer hides a NaN loss from its logs by default
+    (`logging_nan_inf_filter`). A non-finite loss always makes the gradients non-finite, and after DDP's all-reduce
+    every rank sees the same gradients, so every rank stops at the same step.
+    """
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            return
+        last = last_checkpoint(args.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+        raise RecipeError(
+            f"step {state.global_step + 1}: the training loss is NaN or infinite; training stopped before this update "
+            f"and {kept}. Lower learning_rate (now {args.learning_rate:g}) and rerun with --overwrite_output_dir true "
+            "(resuming would restore the old learning rate)"
+        )
+
+
+class KeepAdapterDtypesOnResume(TrainerCallback):
+    """A resumed run trains the adapter in the dtypes the run started with.
+
+    TRL trains QLoRA adapters in bf16, but the Trainer reloads a checkpoint's adapter with PEFT's `load_adapter`,
+    which upcasts it (and so the optimizer state loaded after it) to fp32: without this, the run after a restart would
+    train in another precision than the run before it, and its losses would drift from an uninterrupted run's.
+    """
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        for name, param in model.named_parameters():
+            dtype = self.dtypes.get(name)
+            if dtype is None or param.dtype == dtype:
+                continue
+            param.data = param.data.to(dtype)
+            moments = optimizer.state.get(param, {})
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.is_floating_point() and value.shape == param.shape:
+                    moments[key] = value.to(dtype)
+
+
+@contextmanager
+def failures_in_one_line(trainer):
+    """Training that stops (NaN/inf) or runs out of memory ends in one `error:` line, after the progress bar's line."""
+    try:
+        yield
+    except (RecipeError, torch.OutOfMemoryError) as e:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback):
+                for bar in (callback.prediction_bar, callback.training_bar):
+                    if bar is not None:
+                        bar.close()
+        if isinstance(e, torch.OutOfMemoryError):
+            raise RecipeError(out_of_memory_advice(trainer.args, trainer.state.global_step + 1)) from None
+        raise
+
+
+def out_of_memory_advice(training_args, step: int) -> str:
+    """One line: where memory ran out, and the smaller per-device batch that keeps the global batch."""
+    batch, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
+    where = (f"out of memory at step {step} with per_device_train_batch_size {batch} x gradient_accumulation_steps "
+             f"{accumulation}")
+    also = "activation_checkpointing true and a smaller max_length also cut activation memory"
+    if batch == 1:
+        return f"{where}: {also}; a 4-bit base (load_in_4bit true) cuts weight memory"
+    smaller = batch // 2 if batch % 2 == 0 else 1
+    resumes = " (the rerun resumes from the last checkpoint)" if last_checkpoint(training_args.output_dir) else ""
+    return (f"{where}: rerun with --per_device_train_batch_size {smaller} --gradient_accumulation_steps "
+            f"{batch * accumulation // smaller} (the same {batch * accumulation} sequences per device per step)"
+            f"{resumes}; {also}")
