@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RecipeError
+from .memory import dry_run_without_gpu
 
 
 @dataclass
@@ -26,6 +27,11 @@ class DataArguments:
     max_rows_per_source: int | None = field(
         default=None, metadata={"help": "Read at most this many rows of each source (quick looks, balancing)."}
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Print the peak-memory plan for these settings (lora_recipes/memory.py) and exit before "
+                          "loading the model."},
+    )
 
 
 def parse_args(default_config: Path, argv: list[str] | None = None):
@@ -38,11 +44,16 @@ def parse_args(default_config: Path, argv: list[str] | None = None):
     config_path = Path(argv[argv.index("--config") + 1])
     if not config_path.is_file():
         raise RecipeError(f"{config_path}: config file not found")
+    # a dry run plans a GPU config on any machine: TrainingArguments would refuse bf16 without a GPU, and nothing trains
+    gpu_plan = dry_run_without_gpu(argv, config_path)
     parser = TrlParser((DataArguments, SFTConfig, ModelConfig))
     try:
-        data_args, training_args, model_args = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+        data_args, training_args, model_args = parser.parse_args_and_config(
+            [*argv, "--use_cpu", "true"] if gpu_plan else argv, fail_with_unknown_args=True)
     except ValueError as e:  # unknown keys, 4-bit with 8-bit, bad values rejected by the dataclasses
         raise RecipeError(f"{config_path} + command line: {str(e).strip().splitlines()[0]}") from None
+    if gpu_plan:
+        training_args.use_cpu = False
     check_args(data_args, training_args, model_args)
     return data_args, training_args, model_args
 

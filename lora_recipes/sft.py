@@ -17,9 +17,19 @@ from .model import load_model, load_tokenizer
 from .run_card import config_dict, git_commit, package_versions, write_json
 
 
-def main(domain: ModuleType, data_args: DataArguments, training_args, model_args):
-    """Train one adapter; returns the SFTTrainer (its model is the trained adapter on the base)."""
+def main(domain: ModuleType, data_args: DataArguments, training_args, model_args, callbacks=None):
+    """Train one adapter; returns the SFTTrainer (its model is the trained adapter on the base).
+
+    `callbacks` (TrainerCallback list) lets the benchmark and the memory tests time and measure this exact flow.
+    """
     from trl import SFTTrainer, get_peft_config
+
+    # 0. --dry_run: print the peak-memory plan for these settings and stop before anything loads
+    if data_args.dry_run:
+        from .memory import dry_run
+
+        print(dry_run(training_args, model_args))
+        return None
 
     # 1. Logging must never stop at an interactive wandb login
     configure_wandb(training_args.report_to)
@@ -55,6 +65,7 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         eval_dataset=data.eval if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
     )
     global_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                     * training_args.world_size)
