@@ -275,6 +275,7 @@ def run(spec: dict, emit) -> None:
     sys.path.insert(0, str(REPO_ROOT))
     domain = importlib.import_module(f"data.{spec['domain']}")
     data_args, training_args, model_args = parse_args(Path(spec["config"]), spec["args"])
+    training_args.include_num_input_tokens_seen = "non_padding"  # the throughput counts real tokens only
     probe = make_probe(emit, baseline, spec.get("warmup", 0), spec.get("rounds", 1), spec.get("steps_per_round", 1),
                        spec.get("gate", False), spec.get("track_tensors", False))
     if spec["kind"] == "recipe":
@@ -289,9 +290,9 @@ def collect(events: list[dict]) -> dict:
     result = {"rounds": []}
     for e in events:
         if e["event"] == "round":
-            result["rounds"].append({k: v for k, v in e.items() if k != "event"})
+            result["rounds"].append({k: v for k, v in e.items() if k != "event" and not k.startswith("_")})
         else:
-            result.update({k: v for k, v in e.items() if k != "event"})
+            result.update({k: v for k, v in e.items() if k != "event" and not k.startswith("_")})
     return result
 
 
@@ -320,7 +321,7 @@ def read_events(proc: subprocess.Popen, until: str) -> list[dict]:
     events = []
     for line in proc.stdout:
         if line.startswith(PREFIX):
-            events.append(json.loads(line[len(PREFIX):]))
+            events.append({**json.loads(line[len(PREFIX):]), "_at": time.perf_counter()})  # when it arrived
             if events[-1]["event"] == until:
                 return events
     proc.wait()
