@@ -11,6 +11,7 @@ from pathlib import Path
 from .distributed import strategy_problems
 from .errors import RecipeError
 from .run_card import secret_env
+from .memory import dry_run_without_gpu
 
 
 @dataclass
@@ -56,6 +57,11 @@ class DataArguments:
         metadata={"help": "Replace a finished run in output_dir (or start an unfinished one afresh instead of "
                           "resuming it). Off: a finished run is refused, an unfinished one resumes."},
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Print the peak-memory plan for these settings (lora_recipes/memory.py) and exit before "
+                          "loading the model."},
+    )
 
 
 def parse_args(default_config: Path, argv: list[str] | None = None):
@@ -68,6 +74,8 @@ def parse_args(default_config: Path, argv: list[str] | None = None):
     config_path = Path(argv[argv.index("--config") + 1])
     if not config_path.is_file():
         raise RecipeError(f"{config_path}: config file not found")
+    # a dry run plans a GPU config on any machine: TrainingArguments would refuse bf16 without a GPU, and nothing trains
+    gpu_plan = dry_run_without_gpu(argv, config_path)
     # No abbreviations (a typo that is a prefix of a flag must not pass as that flag); argparse's own errors (a value
     # of the wrong type, a missing value) become one line instead of the whole usage text
     parser = TrlParser((DataArguments, SFTConfig, ModelConfig), allow_abbrev=False)
@@ -79,12 +87,15 @@ def parse_args(default_config: Path, argv: list[str] | None = None):
 
     parser.error = one_line_error
     try:
-        data_args, training_args, model_args = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+        data_args, training_args, model_args = parser.parse_args_and_config(
+            [*argv, "--use_cpu", "true"] if gpu_plan else argv, fail_with_unknown_args=True)
     except ValueError as e:  # unknown keys, 4-bit with 8-bit, bad values rejected by the dataclasses
         raise RecipeError(f"{config_path} + command line: {str(e).strip().splitlines()[0]}") from None
     except ImportError as e:  # e.g. a DeepSpeed accelerate config on a machine without deepspeed
         raise RecipeError(f"the launch needs a package that is not installed: {str(e).strip().splitlines()[0]} "
                           "(DeepSpeed configs: pip install deepspeed)") from None
+    if gpu_plan:
+        training_args.use_cpu = False
     check_args(data_args, training_args, model_args)
     return data_args, training_args, model_args
 

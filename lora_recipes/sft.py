@@ -22,22 +22,32 @@ from .reliability import KeepAdapterDtypesOnResume, StopOnNonFiniteLoss, failure
 from .run_card import config_dict, git_commit, package_versions, write_json
 
 
-def main(domain: ModuleType, data_args: DataArguments, training_args, model_args):
+def main(domain: ModuleType, data_args: DataArguments, training_args, model_args, callbacks=None):
     """Train one adapter; returns the SFTTrainer (its model is the trained adapter on the base), or None when
-    `data_card_only` stops the run after the data card."""
+    `dry_run` or `data_card_only` stops the run early.
+
+    `callbacks` (TrainerCallback list) lets the benchmark and the memory tests time and measure this exact flow.
+    """
     from trl import SFTTrainer, get_peft_config
 
-    # 0. Output dir: a finished run is never overwritten unless asked; an unfinished one resumes from its last
+    # 0. --dry_run: print the peak-memory plan for these settings and stop before anything loads
+    if data_args.dry_run:
+        from .memory import dry_run
+
+        print(dry_run(training_args, model_args))
+        return None
+
+    # 1. Output dir: a finished run is never overwritten unless asked; an unfinished one resumes from its last
     #    complete checkpoint
     resume_from = resume_point(data_args, training_args)
 
-    # 1. Logging must never stop at an interactive wandb login
+    # 2. Logging must never stop at an interactive wandb login
     configure_wandb(training_args.report_to)
 
-    # 2. Tokenizer, with a chat template that puts only the assistant turns (and their EOS) in the loss
+    # 3. Tokenizer, with a chat template that puts only the assistant turns (and their EOS) in the loss
     tokenizer = load_tokenizer(model_args, training_args)
 
-    # 3. Data: each source converted to chat messages, validated, deduplicated and split, rows measured in tokens as
+    # 4. Data: each source converted to chat messages, validated, deduplicated and split, rows measured in tokens as
     #    SFTTrainer will cut them; the main process of each machine prepares it, every rank reads that copy. The data
     #    card (counts, token lengths, train/eval overlap) is written before any model loads, so a data problem costs
     #    seconds, not a GPU hour
@@ -66,7 +76,7 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     if data.eval is None and training_args.eval_strategy != "no":
         raise RecipeError("the eval split is empty: raise eval_fraction, add data, or set eval_strategy 'no'")
 
-    # 4. Base model (4-bit NF4 by default) and the LoRA adapter SFTTrainer puts on it
+    # 5. Base model (4-bit NF4 by default) and the LoRA adapter SFTTrainer puts on it
     model = load_model(model_args, training_args)
     trainer = SFTTrainer(
         model=model,
@@ -75,7 +85,7 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         eval_dataset=data.eval if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[StopOnNonFiniteLoss(), KeepAdapterDtypesOnResume()],
+        callbacks=[StopOnNonFiniteLoss(), KeepAdapterDtypesOnResume(), *(callbacks or [])],
     )
     global_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                     * training_args.world_size)
@@ -85,14 +95,14 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         f"= {global_batch} sequences/step; trainable parameters: {trainable_summary(trainer.model)}"
     )
 
-    # 5. Train (from the resume point); a NaN/inf loss stops it, out of memory ends in one line of advice
+    # 6. Train (from the resume point); a NaN/inf loss stops it, out of memory ends in one line of advice
     with failures_in_one_line(trainer):
         result = trainer.train(resume_from_checkpoint=resume_from)
         metrics = dict(result.metrics)
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())
 
-    # 6. Save the adapter and tokenizer (with its chat template), the loss history and the run card
+    # 7. Save the adapter and tokenizer (with its chat template), the loss history and the run card
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
@@ -117,7 +127,7 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         })
     trainer.accelerator.print(f"Adapter, tokenizer and run card saved to {training_args.output_dir}")
 
-    # 7. Loss curve next to the adapter; base vs adapter on the held-out split and the standard evaluation sets
+    # 8. Loss curve next to the adapter; base vs adapter on the held-out split and the standard evaluation sets
     if trainer.is_world_process_zero():
         plot_loss_curve(trainer.state.log_history, Path(training_args.output_dir) / "loss_curve.png")
         if data_args.eval_after_training:

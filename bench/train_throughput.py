@@ -1,0 +1,379 @@
+"""The recipe against a bare TRL SFTTrainer, side by side: throughput, memory, padding, data preparation, start-up.
+
+    python bench/train_throughput.py             # CPU here (2 cores: about 10 minutes), CUDA when present
+    python bench/train_throughput.py --quick     # every section in miniature (proves the script and its output)
+
+One run measures, on the same random-init model of realistic proportions (no download), the same data and seed:
+1. training throughput (non-padding tokens per second) and peak memory of the recipe (its YAML for this device:
+   recipes/configs/medical_smoke.yaml on CPU, recipes/configs/medical.yaml on CUDA) against a bare `SFTTrainer`
+   with TRL's defaults, plus one-setting variants of the recipe (activation checkpointing, precision, optimizer);
+2. padded batches against packing (bfd, padding-free position ids) on the lengths of the domain's sample rows,
+   with the padding waste of each, for every attention implementation available here;
+3. data preparation (`prepare_data`) of 100k synthetic rows per source schema of every domain with samples, with
+   `num_proc` 1 and 2;
+4. time from `accelerate launch recipes/sft_medical.py` to the first optimizer step, phase by phase;
+and on CUDA, the memory planner against the allocator's peak of real steps.
+
+Each trainer runs in its own process (`python -m lora_recipes.measure`); they take turns, one timed round of a few
+optimizer steps each, after warm-up steps that are not timed, so that load on a shared machine hits them alike.
+Ratios are medians over rounds. Writes bench/results/<device>.json and bench/results/<device>.md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from lora_recipes.measure import collect, long_chats, measure, random_model, read_events, start  # noqa: E402
+
+RESULTS = REPO_ROOT / "bench" / "results"
+BASELINE = "bare TRL SFTTrainer (TRL defaults)"
+SAMPLES = REPO_ROOT / "data" / "samples"
+# Llama proportions scaled down: head_dim 64, 4 query heads per KV head, MLP 3.5x hidden, vocabulary 32x hidden
+# (the tokenizer uses the first 1024 ids; the LM head and softmax still span all 8192, as in real models)
+BENCH_MODEL = {"hidden_size": 256, "intermediate_size": 896, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 1, "vocab_size": 8192, "tie_word_embeddings": True}
+QUICK_MODEL = {**BENCH_MODEL, "num_hidden_layers": 1, "vocab_size": 2048}
+MEMORY_MODELS = {  # CUDA only: the planner against the allocator
+    "llama-like": {"hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 4, "num_attention_heads": 16,
+                   "num_key_value_heads": 4, "vocab_size": 32768},
+    "qwen2-like": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 4,
+                   "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 65536},
+}
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg()[0],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1 + 2. Trainers side by side
+# ---------------------------------------------------------------------------------------------------------------
+def attention_implementations(device: str) -> list[str]:
+    import importlib.util
+
+    found = ["sdpa"]
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        found.append("flash_attention_2")
+    return found
+
+
+def trainer_variants(device: str, quick: bool) -> dict[str, tuple[str, list[str]]]:
+    """name -> (kind, overrides of the recipe's YAML). The baseline shares only model, data, LoRA, batch and seed."""
+    variants = {BASELINE: ("baseline", []), "recipe": ("recipe", [])}
+    if quick:
+        return variants
+    # packed rows of max_length tokens: as many per batch as give about the padded batch's tokens per step
+    bins = "3" if device == "cpu" else "1"
+    for attn in attention_implementations(device):
+        suffix = "" if attn == "sdpa" else f", {attn}"
+        if attn != "sdpa":
+            variants[f"recipe{suffix}"] = ("recipe", ["--attn_implementation", attn])
+        variants[f"recipe + packing (bfd, padding-free, {bins} rows/batch){suffix}"] = (
+            "recipe", ["--attn_implementation", attn, "--packing", "true", "--per_device_train_batch_size", bins])
+    variants["recipe, activation checkpointing off"] = ("recipe", ["--activation_checkpointing", "false"])
+    if device == "cpu":
+        variants["recipe, bf16 weights and autocast"] = ("recipe", ["--dtype", "bfloat16", "--bf16", "true"])
+        variants["recipe, fused AdamW"] = ("recipe", ["--optim", "adamw_torch_fused"])
+    else:
+        variants["recipe, 8-bit paged AdamW"] = ("recipe", ["--optim", "paged_adamw_8bit"])
+    return variants
+
+
+def recipe_config(device: str) -> Path:
+    name = "medical_smoke.yaml" if device == "cpu" else "medical.yaml"
+    return REPO_ROOT / "recipes" / "configs" / name
+
+
+def run_args(device: str, model: Path, output_dir: Path, max_steps: int) -> list[str]:
+    """The recipe's YAML for this device, on the bench model and the medical samples, with no eval or checkpoints."""
+    sources = [str(p) for p in sorted((SAMPLES / "medical").glob("*.jsonl"))]
+    return ["--config", str(recipe_config(device)), "--model_name_or_path", str(model), "--dataset_name", *sources,
+            "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--eval_strategy", "no",
+            "--save_strategy", "no", "--report_to", "none", *(["--use_cpu", "true"] if device == "cpu" else [])]
+
+
+def side_by_side(model: Path, device: str, workdir: Path, quick: bool, warmup: int, rounds: int,
+                 steps_per_round: int) -> dict:
+    """Every variant in its own process, started one at a time, then timed in interleaved rounds."""
+    workers = {}
+    for i, (name, (kind, overrides)) in enumerate(trainer_variants(device, quick).items()):
+        args = [*run_args(device, model, workdir / f"run{i}", warmup + rounds * steps_per_round),
+                "--logging_steps", "1000", "--disable_tqdm", "true", *overrides]
+        spec = {"kind": kind, "domain": "medical", "config": str(recipe_config(device)), "args": args,
+                "warmup": warmup, "rounds": rounds, "steps_per_round": steps_per_round}
+        proc = start(spec, gate=True)
+        workers[name] = {"proc": proc, "kind": kind, "overrides": overrides,
+                         "events": read_events(proc, "waiting")}  # start-up and warm-up, while the others wait
+        print(f"  {name}: ready", flush=True)
+    names = list(workers)
+    for r in range(rounds):
+        # a different order every round, so that a load that rises or falls during a round hits every trainer
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order[::-1] if r % 2 else order:
+            workers[name]["proc"].stdin.write("go\n")
+            workers[name]["proc"].stdin.flush()
+            workers[name]["events"] += read_events(workers[name]["proc"], "round")
+        print(f"  round {r + 1}/{rounds} done", flush=True)
+    for w in workers.values():
+        w["proc"].stdin.close()
+        w["events"] += read_events(w["proc"], "done")
+        w["proc"].wait()
+
+    trainers = {}
+    for name, w in workers.items():
+        result = collect(w["events"])
+        trainers[name] = {
+            "kind": w["kind"],
+            "overrides": w["overrides"],
+            "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in result["rounds"]),
+            "tokens_per_cpu_s": statistics.median(r["tokens"] / r["cpu_seconds"] for r in result["rounds"]),
+            "rounds": result["rounds"],
+            "padding_waste": result["padding_waste"],
+            "tokens_per_batch": result["tokens_per_batch"],
+            "peak_memory_bytes": result["cuda_peak_bytes"] if device == "cuda" else result["rss_peak_bytes"],
+            "training_memory_bytes": (result["cuda_peak_bytes"] if device == "cuda"
+                                      else result["rss_peak_bytes"] - result["rss_start_bytes"]),
+        }
+    return trainers
+
+
+def round_ratios(trainers: dict, name: str, reference: str) -> dict:
+    """Throughput of `name` over `reference`, per interleaved round, and their median."""
+    ratios = [(a["tokens"] / a["seconds"]) / (b["tokens"] / b["seconds"])
+              for a, b in zip(trainers[name]["rounds"], trainers[reference]["rounds"], strict=True)]
+    return {"median": statistics.median(ratios), "rounds": ratios}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Data preparation
+# ---------------------------------------------------------------------------------------------------------------
+def domains() -> list[str]:
+    """Domains with a data module (data/<domain>.py) and sample rows (data/samples/<domain>/)."""
+    return sorted(p.stem for p in (REPO_ROOT / "data").glob("*.py")
+                  if p.stem != "__init__" and (SAMPLES / p.stem).is_dir())
+
+
+def synthetic_rows(sample_file: Path, rows: int, path: Path) -> Path:
+    """`rows` rows in the sample file's schema: its rows repeated, each made distinct by a numbered string field."""
+    samples = [json.loads(line) for line in sample_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text_field = next(k for k, v in samples[0].items() if isinstance(v, str) and len(v) > 20)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(rows):
+            row = dict(samples[i % len(samples)])
+            row[text_field] = f"{row[text_field]} (#{i})"
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def data_preparation(rows: int, num_procs: tuple[int, ...], workdir: Path) -> list[dict]:
+    import importlib
+
+    import datasets
+
+    from lora_recipes.data import detect_schema, prepare_data
+
+    datasets.disable_progress_bars()
+    results = []
+    for domain in domains():
+        module = importlib.import_module(f"data.{domain}")
+        for sample_file in sorted((SAMPLES / domain).glob("*.jsonl")):
+            first = json.loads(sample_file.read_text(encoding="utf-8").splitlines()[0])
+            schema = detect_schema(first.keys(), module.SCHEMAS, str(sample_file)).name
+            path = synthetic_rows(sample_file, rows, workdir / f"{domain}-{sample_file.stem}.jsonl")
+            for num_proc in num_procs:
+                started = time.perf_counter()
+                prepared = prepare_data([str(path)], module.SCHEMAS, eval_fraction=0.01, num_proc=num_proc)
+                seconds = time.perf_counter() - started
+                results.append({"domain": domain, "schema": schema, "rows": rows, "num_proc": num_proc,
+                                "seconds": seconds, "rows_per_s": rows / seconds,
+                                "kept": prepared.sources[0].kept})
+                print(f"  {domain}/{schema}, num_proc {num_proc}: {rows / seconds:,.0f} rows/s", flush=True)
+            path.unlink()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Launch to first optimizer step, as a user launches the recipe (and a bare TRL script, alternately)
+# ---------------------------------------------------------------------------------------------------------------
+PHASES = (("imports and tokenizer", "Converting "), ("data ready", "total: "),
+          ("model and trainer ready", "global batch = "), ("first optimizer step", "'loss'"))
+BASELINE_PHASES = (("first optimizer step", '"first_step"'),)
+
+
+def timed_launch(cmd: list[str], phases: tuple) -> dict:
+    """Seconds from starting `cmd` to the first output line that holds each phase's marker."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen, tail = {}, []
+    for line in proc.stdout:
+        tail = (tail + [line])[-20:]
+        for phase, marker in phases:
+            if marker in line and phase not in seen:
+                seen[phase] = time.perf_counter() - started
+    if proc.wait() != 0 or len(seen) != len(phases):
+        missing = [phase for phase, _ in phases if phase not in seen]
+        raise RuntimeError(f"{' '.join(cmd[-8:])}: failed or printed no marker for {missing}:\n{''.join(tail)}")
+    return seen
+
+
+def launch_to_first_step(model: Path, device: str, workdir: Path, repeats: int) -> dict:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    runs = {"recipe": [], BASELINE: []}
+    for i in range(repeats):
+        args = [*run_args(device, model, workdir / f"launch{i}", 1), "--logging_steps", "1"]
+        runs["recipe"].append(timed_launch([*launcher, "recipes/sft_medical.py", *args], PHASES))
+        spec = {"kind": "baseline", "domain": "medical", "config": str(recipe_config(device)), "args": args}
+        runs[BASELINE].append(timed_launch([*launcher, "-m", "lora_recipes.measure", json.dumps(spec)],
+                                           BASELINE_PHASES))
+        print(f"  launch {i + 1}: first optimizer step after {runs['recipe'][-1]['first optimizer step']:.1f} s "
+              f"(recipe), {runs[BASELINE][-1]['first optimizer step']:.1f} s (bare TRL)", flush=True)
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA: the memory planner against the allocator
+# ---------------------------------------------------------------------------------------------------------------
+def planner_on_cuda(workdir: Path) -> list[dict]:
+    from lora_recipes.config import parse_args
+    from lora_recipes.memory import architecture, plan, setup_from_args
+
+    config = recipe_config("cuda")
+    results = []
+    for name, shape in MEMORY_MODELS.items():
+        model = random_model(workdir / f"memory-{name}", **dict(shape))
+        data = long_chats(workdir / f"memory-{name}.jsonl", rows=32, words=2000)
+        for checkpointing in ("true", "false"):
+            args = ["--config", str(config), "--model_name_or_path", str(model), "--dataset_name", str(data),
+                    "--output_dir", str(workdir / f"memory-{name}-out"), "--max_steps", "2", "--eval_strategy", "no",
+                    "--save_strategy", "no", "--report_to", "none", "--eval_fraction", "0",
+                    "--activation_checkpointing", checkpointing]
+            measured = measure({"kind": "recipe", "domain": "medical", "config": str(config), "args": args})
+            _, training_args, model_args = parse_args(config, args)
+            planned = plan(architecture(str(model)), setup_from_args(training_args, model_args))
+            results.append({
+                "model": name, "activation_checkpointing": checkpointing == "true",
+                "planned_bytes": planned.peak_without_runtime, "measured_allocated_bytes": measured["cuda_peak_bytes"],
+                "measured_reserved_bytes": measured["cuda_reserved_bytes"],
+                "error": planned.peak_without_runtime / measured["cuda_peak_bytes"] - 1,
+            })
+            print(f"  {name}, checkpointing {checkpointing}: planner error {results[-1]['error']:+.1%}", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    where = m["gpu"] if m["device"] == "cuda" else f"{m['cpu_cores']}-core CPU ({m['cpu']}), no GPU"
+    trainers = results["trainers"]
+    rounds = trainers[BASELINE]["rounds"]
+    lines = [
+        f"`{results['command']}` on {where}; torch threads {m['torch_threads']}; load average "
+        f"{m['load_average_at_start']:.1f} at start, {results['load_average_at_end']:.1f} at the end. Model: "
+        f"random-init Llama shape {results['model']}. Data: the SYNTHETIC medical samples.",
+        "",
+        "| trainer | non-padding tokens/s | vs bare TRL: median (range) | padding waste | tokens/batch | "
+        "peak memory | of which training |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, t in trainers.items():
+        ratio = results["ratios"].get(name)
+        versus = f"{ratio['median']:.2f}x ({min(ratio['rounds']):.2f}-{max(ratio['rounds']):.2f})" if ratio else "1"
+        lines.append(f"| {name} | {t['tokens_per_s']:,.0f} | {versus} | {t['padding_waste']:.0%} | "
+                     f"{t['tokens_per_batch']:,.0f} | {t['peak_memory_bytes'] / 2**20:,.0f} MiB | "
+                     f"{t['training_memory_bytes'] / 2**20:,.0f} MiB |")
+    peak = ("the CUDA allocator's peak" if m["device"] == "cuda"
+            else "peak resident set over the process after its imports (weights, data and runtime included); "
+                 "of which training: its growth during the training steps")
+    lines += ["", f"Throughput: median over {len(rounds)} interleaved rounds of {rounds[0]['steps']} optimizer "
+              f"steps each, after warm-up steps; ratios per round. Peak memory: {peak}.", ""]
+    lines += ["| data preparation (`prepare_data`) | rows | num_proc | rows/s |", "|---|---|---|---|"]
+    for d in results["data_preparation"]:
+        lines.append(f"| {d['domain']} / {d['schema']} | {d['rows']:,} | {d['num_proc']} | {d['rows_per_s']:,.0f} |")
+    launches = results["launch"]
+    lines += ["", f"| `accelerate launch` to ... (median of {len(launches['recipe'])}) | recipe | bare TRL |",
+              "|---|---|---|"]
+    for phase, _ in PHASES:
+        bare = [run[phase] for run in launches[BASELINE] if phase in run]
+        lines.append(f"| {phase} | {statistics.median(run[phase] for run in launches['recipe']):.1f} s | "
+                     + (f"{statistics.median(bare):.1f} s |" if bare else "|"))
+    if results.get("planner_on_cuda"):
+        lines += ["", "| planner vs CUDA allocator | checkpointing | planned | measured | error |",
+                  "|---|---|---|---|---|"]
+        for r in results["planner_on_cuda"]:
+            lines.append(f"| {r['model']} | {'on' if r['activation_checkpointing'] else 'off'} | "
+                         f"{r['planned_bytes'] / 2**30:.2f} GiB | {r['measured_allocated_bytes'] / 2**30:.2f} GiB | "
+                         f"{r['error']:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="every section in miniature (seconds, not minutes)")
+    parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    warmup, rounds, steps_per_round = (1, 1, 1) if args.quick else (2, 5, 2)
+    results = {"command": "python bench/train_throughput.py" + (" --quick" if args.quick else ""),
+               "machine": machine(device)}
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        shape = QUICK_MODEL if args.quick else BENCH_MODEL
+        model = random_model(workdir / "model", **dict(shape))
+        results["model"] = shape
+        print("1-2. trainers side by side", flush=True)
+        results["trainers"] = side_by_side(model, device, workdir, args.quick, warmup, rounds, steps_per_round)
+        results["ratios"] = {name: round_ratios(results["trainers"], name, BASELINE)
+                             for name in results["trainers"] if name != BASELINE}
+        print("3. data preparation", flush=True)
+        results["data_preparation"] = data_preparation(2_000 if args.quick else 100_000, (1, 2), workdir)
+        print("4. launch to first optimizer step", flush=True)
+        results["launch"] = launch_to_first_step(model, device, workdir, 1 if args.quick else 3)
+        if device == "cuda" and not args.quick:
+            print("planner vs CUDA allocator", flush=True)
+            results["planner_on_cuda"] = planner_on_cuda(workdir)
+        results["load_average_at_end"] = os.getloadavg()[0]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    stem = device + ("-quick" if args.quick else "")
+    (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (args.output_dir / f"{stem}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The memory planner: its arithmetic on real architectures, and its peak against measured training steps."""
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from conftest import REPO_ROOT
+
+from lora_recipes.errors import RecipeError
+from lora_recipes.measure import long_chats, measure_here, random_model
+from lora_recipes.memory import (
+    GiB,
+    Setup,
+    architecture,
+    largest_batch,
+    layer_activation_bytes,
+    parse_memory,
+    plan,
+    resolve_config,
+    weight_bytes,
+)
+
+SMOKE = REPO_ROOT / "recipes" / "configs" / "medical_smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def llama_8b():
+    return architecture("meta-llama/Llama-3.1-8B-Instruct")
+
+
+def test_llama_8b_shapes_and_parameter_count(llama_8b):
+    assert (llama_8b.layers, llama_8b.hidden, llama_8b.vocab, llama_8b.tied_embeddings) == (32, 4096, 128256, False)
+    assert {lin.name: (lin.in_features, lin.out_features) for lin in llama_8b.layer_linears} == {
+        "self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 1024), "self_attn.v_proj": (4096, 1024),
+        "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (4096, 14336), "mlp.up_proj": (4096, 14336),
+        "mlp.down_proj": (14336, 4096)}
+    assert llama_8b.total_params == 8_030_261_248
+
+
+def test_llama_8b_4bit_weight_bytes(llama_8b):
+    linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    other = 8_030_261_248 - linear  # embeddings, LM head, norms: kept in bf16
+    nf4 = linear // 2
+    double_quant = linear // 64 + linear // 64 // 256 * 4  # uint8 absmax per 64 weights + fp32 per 256 absmax
+    total, constants = weight_bytes(llama_8b, Setup(quant="4bit", double_quant=True))
+    assert constants == double_quant
+    assert total == nf4 + double_quant + 2 * other == 5_702_295_552  # 5.31 GiB
+    single, single_constants = weight_bytes(llama_8b, Setup(quant="4bit", double_quant=False))
+    assert single_constants == linear // 64 * 4 and single - total == single_constants - constants
+    rows = 32 * (3 * 4096 + 2 * 1024 + 2 * 14336)  # one fp32 scale per output row
+    assert weight_bytes(llama_8b, Setup(quant="8bit"))[0] == linear + rows * 4 + 2 * other
+    assert weight_bytes(llama_8b, Setup(quant="none"))[0] == 2 * 8_030_261_248
+
+
+def test_lora_parameter_counts_match_peft():
+    # PEFT prints these for r=16 on all linear layers: 41,943,040 (Llama 3.1 8B) and 18,464,768 (Qwen2.5 1.5B)
+    assert plan(architecture("meta-llama/Llama-3.1-8B-Instruct"), Setup(lora_r=16)).trainable_params == 41_943_040
+    assert plan(architecture("Qwen/Qwen2.5-1.5B-Instruct"), Setup(lora_r=16)).trainable_params == 18_464_768
+
+
+def test_fused_projections_share_their_input():
+    # Phi-3 fuses q/k/v and gate/up: one adapter per fused projection, so fewer dropout copies than Llama's layout
+    phi3 = architecture("microsoft/Phi-3-mini-4k-instruct")
+    assert [lin.name for lin in phi3.layer_linears] == ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj",
+                                                        "mlp.down_proj"]
+    assert plan(phi3, Setup(lora_r=8)).trainable_params == 32 * 8 * (3072 + 3072 + 3072 + 9216 + 3072 + 16384 + 8192
+                                                                     + 3072)
+
+
+def test_checkpointing_keeps_one_hidden_state_per_layer(llama_8b):
+    setup = Setup(per_device_train_batch_size=2, max_length=1024)
+    on, off = plan(llama_8b, setup), plan(llama_8b, replace(setup, activation_checkpointing=False))
+    tokens = 2 * 1024
+    assert on.activations_if_checkpointing == pytest.approx(tokens * (32 * 4096 * 2 + layer_activation_bytes(
+        llama_8b, setup)))
+    assert off.parts["activations"] > 10 * on.parts["activations"] and off.peak > on.peak
+
+
+@pytest.mark.parametrize("hub_id, file", [
+    ("meta-llama/Meta-Llama-3.1-8B-Instruct", "llama-3.1-8b.json"),
+    ("Qwen/Qwen2.5-7B", "qwen2.5-7b-instruct.json"),
+    ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b-instruct-v0.3.json"),
+    ("google/gemma-2-9b-it", "gemma-2-9b-it.json"),
+])
+def test_hub_ids_resolve_to_shipped_configs(hub_id, file):
+    assert resolve_config(hub_id)[1].endswith(file)
+
+
+def test_unknown_model_is_one_line_error():
+    with pytest.raises(RecipeError, match="no config.json found .* pass --model path/to/config.json"):
+        resolve_config("someone/Unknown-13B")
+
+
+def test_largest_batch_keeps_sequences_per_step(llama_8b):
+    setup = Setup(per_device_train_batch_size=4, gradient_accumulation_steps=4, max_length=2048)
+    fits = [largest_batch(llama_8b, setup, parse_memory(f"{gb}GB")) for gb in (6, 16, 24, 40, 80)]
+    assert fits[0] is None  # 5.3 GiB of weights + a 2048-token sequence does not fit 6 GiB
+    batches = [f[0] for f in fits[1:]]
+    assert batches == sorted(batches) and batches[-1] == 16
+    assert all(b * accumulation == 16 for b, accumulation in fits[1:])
+    for b, accumulation in fits[1:]:
+        assert plan(llama_8b, replace(setup, per_device_train_batch_size=b,
+                                      gradient_accumulation_steps=accumulation)).peak <= 80 * GiB
+
+
+def test_plan_memory_cli():
+    proc = subprocess.run([sys.executable, "recipes/plan_memory.py", "--model", "Qwen/Qwen2.5-1.5B-Instruct",
+                           "--quant", "4bit", "--lora_r", "16", "--max_length", "2048",
+                           "--per_device_train_batch_size", "4", "--gpu_memory", "24GB"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for row in ("weights as stored", "LoRA parameters", "optimizer states", "activations", "logits and loss",
+                "framework overhead", "peak", "24 GiB, checkpointing on: per_device_train_batch_size 4"):
+        assert row in proc.stdout
+    bad = subprocess.run([sys.executable, "recipes/plan_memory.py", "--model", "nobody/Nothing-1B"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: model")
+
+
+def test_recipe_dry_run_plans_and_exits_before_loading(tmp_path):
+    proc = subprocess.run([sys.executable, "recipes/sft_medical.py", "--dry_run", "true", "--use_cpu", "true",
+                           "--output_dir", str(tmp_path / "out")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Memory plan for Qwen/Qwen2.5-1.5B-Instruct" in proc.stdout and "Dry run: nothing was loaded" in proc.stdout
+    assert "4 sequences x 2048 tokens per device" in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+# Small random-init models of different shapes, trained for 2 steps through the recipe on CPU: the planned peak
+# (without the process's own runtime) against the peak of live tensor bytes measured during those steps.
+SHAPES = {
+    "llama-gqa-4bit-no-checkpointing": (
+        {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 2048},
+        ["--activation_checkpointing", "false"]),
+    "qwen2-8bit-checkpointing": (
+        {"model_type": "qwen2", "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 2,
+         "num_attention_heads": 6, "num_key_value_heads": 2, "vocab_size": 1024},
+        ["--load_in_4bit", "false", "--load_in_8bit", "true", "--activation_checkpointing", "true"]),
+    "phi3-fused-plain-lora": (
+        {"model_type": "phi3", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 3,
+         "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2048},
+        ["--load_in_4bit", "false", "--activation_checkpointing", "false", "--lora_dropout", "0"]),
+}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_planned_peak_within_20_percent_of_measured(name, tmp_path):
+    from lora_recipes.config import parse_args
+    from lora_recipes.memory import setup_from_args
+
+    shape, overrides = SHAPES[name]
+    model = random_model(tmp_path / "model", **dict(shape))
+    data = long_chats(tmp_path / "chats.jsonl", rows=16, words=600)  # every chat is cut at max_length
+    args = ["--config", str(SMOKE), "--model_name_or_path", str(model), "--dataset_name", str(data),
+            "--output_dir", str(tmp_path / "out"), "--max_length", "512", "--per_device_train_batch_size", "4",
+            "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no", "--eval_fraction", "0",
+            "--logging_steps", "100", *overrides]
+    measured = measure_here({"kind": "recipe", "domain": "medical", "config": str(SMOKE), "args": args,
+                             "track_tensors": True})
+    _, training_args, model_args = parse_args(SMOKE, args)
+    planned = plan(architecture(str(model)), setup_from_args(training_args, model_args))
+
+    assert measured["padding_waste"] == 0  # every sequence filled max_length, as the planner assumes
+    error = planned.peak_without_runtime / measured["tensor_peak_bytes"] - 1
+    parts = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in planned.parts.items())
+    assert abs(error) <= 0.20, (f"{name}: planned {planned.peak_without_runtime / 2**20:.0f} MiB ({parts}), "
+                                f"measured {measured['tensor_peak_bytes'] / 2**20:.0f} MiB of tensors "
+                                f"(resident growth {(measured['rss_peak_bytes']) / 2**20:.0f} MiB)")
+    weights_error = planned.parts["weights"] / measured["weight_tensor_bytes"] - 1
+    assert abs(weights_error) <= 0.10, f"weights: planned {planned.parts['weights']}, held {measured}"
