@@ -272,7 +272,7 @@ def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int
 
 
 def _convert_batch(batch: dict, indices: list[int], schema: Schema, source: str, row_offset: int) -> dict:
-    """`_convert` over a batch of rows: `datasets` pays its per-call overhead once per batch instead of once per row."""
+    """`_convert` over a batch of rows: `datasets` pays its per-call overhead once per batch, not once per row."""
     out = {"messages": [], "split_key": [], "drop_reason": []}
     for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
         converted = _convert(dict(zip(batch, values, strict=True)), index, schema, source, row_offset)
@@ -296,6 +296,7 @@ def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_p
                  split: str = "train"):
     """Convert one source; returns (Dataset of messages/split_key/drop_reason, schema name)."""
     from datasets import Dataset, concatenate_datasets
+    from tqdm.auto import tqdm
 
     path = Path(source)
     if path.exists():
@@ -305,7 +306,8 @@ def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_p
             schema = detect_schema(rows[0].keys(), schemas, str(file))
             # converted before Arrow sees the rows: a wrong-typed value, nested ones included, names its row instead of
             # breaking the table, and the columns no converter reads may hold anything
-            converted.append(Dataset.from_list([_convert(row, i, schema, str(file), 1) for i, row in enumerate(rows)],
+            progress = tqdm(enumerate(rows), total=len(rows), desc=f"Converting {file.name}", unit=" examples")
+            converted.append(Dataset.from_list([_convert(row, i, schema, str(file), 1) for i, row in progress],
                                                features=_converted_features()))
             schema_names.add(schema.name)
         return concatenate_datasets(converted), "+".join(sorted(schema_names))

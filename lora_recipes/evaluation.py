@@ -349,7 +349,8 @@ def predict(model, tokenizer, task: Task, args: EvalArguments, label: str) -> Pr
                            truncated=len(truncated))
 
     references = [encode(_answer_text(tokenizer, item)) for item in task.items]
-    fitted = [_fit(context, reference, args.max_length) for context, reference in zip(contexts, references, strict=False)]
+    fitted = [_fit(context, reference, args.max_length)
+              for context, reference in zip(contexts, references, strict=False)]
     requests = [(context, continuation) for context, continuation, _ in fitted]
     scores = continuation_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
                                    desc=f"{task.name} [{label}] reference loss")
@@ -424,7 +425,8 @@ def per_example_metrics(task: Task, predictions: Predictions) -> dict:
     import numpy as np
 
     if task.kind == "multiple_choice":
-        correct = np.array([p == item.answer for p, item in zip(predictions.picks, task.items, strict=False)], dtype=float)
+        correct = np.array([p == item.answer for p, item in zip(predictions.picks, task.items, strict=False)],
+                           dtype=float)
         return {"accuracy": lambda idx: correct[idx].mean()}
     if task.kind == "classification":
         gold = np.array([item.answer for item in task.items])
@@ -499,7 +501,8 @@ def _compare(model, tokenizer, tasks: list[Task], args: EvalArguments) -> dict:
         headline = HEADLINE[task.kind]
         examples = [{"prompt": next((m["content"] for m in reversed(item.prompt) if m["role"] == "user"), ""),
                      "reference": item.reference, "base": b, "adapter": a}
-                    for item, b, a in zip(task.items, base.answers, adapter.answers, strict=False)][: args.num_examples]
+                    for item, b, a in zip(task.items, base.answers, adapter.answers, strict=False)
+                    ][: args.num_examples]
         report[task.name] = {
             "metric": headline, "n": len(task.items), **metrics[headline], "kind": task.kind, "metrics": metrics,
             "source": task.source, "split": task.split, "dropped": task.dropped, "trained_on": task.trained_on,
