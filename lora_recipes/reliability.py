@@ -54,12 +54,33 @@ def last_checkpoint(output_dir) -> Path | None:
     return complete[-1] if complete else None
 
 
-def resume_point(data_args, training_args) -> str | None:
+def check_resumable(checkpoint: Path, model_args) -> None:
+    """A checkpoint resumes only into the adapter it was saved from: same base model and LoRA shape."""
+    saved_file = checkpoint / "adapter_config.json"
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    for key, field_name in (("base_model_name_or_path", "model_name_or_path"), ("r", "lora_r"),
+                            ("lora_alpha", "lora_alpha"), ("use_dora", "use_dora"), ("use_rslora", "use_rslora")):
+        if key not in saved:
+            continue
+        was, now = saved[key], getattr(model_args, field_name)
+        if key == "base_model_name_or_path" and Path(was).exists() and Path(now).exists():
+            same = Path(was).resolve() == Path(now).resolve()  # the same local folder, however it is written
+        else:
+            same = was == now
+        if not same:
+            raise RecipeError(f"{checkpoint} was trained with {field_name} {was}, this run has {now}: rerun "
+                              "with the same settings to resume, or pass --overwrite_output_dir true to start afresh")
+
+
+def resume_point(data_args, training_args, model_args) -> str | None:
     """The checkpoint training continues from, or None for a fresh start; refuses to overwrite a finished run.
 
     `--resume_from_checkpoint PATH` wins; `--resume_from_checkpoint true` means the last checkpoint of output_dir.
     Without it: `--overwrite_output_dir true` starts afresh (removing the old checkpoints and run card, so a later
     resume can never pick a stale one), a finished run is refused, and an unfinished one resumes automatically.
+    A checkpoint of another base model or LoRA shape is refused rather than loaded.
     """
     output_dir = Path(training_args.output_dir)
     requested = training_args.resume_from_checkpoint
@@ -67,6 +88,7 @@ def resume_point(data_args, training_args) -> str | None:
         if not is_complete(Path(requested)):
             raise RecipeError(f"--resume_from_checkpoint {requested}: not a complete checkpoint folder (no "
                               f"{COMPLETE_MARKER}); pass a checkpoint-N folder of an earlier run")
+        check_resumable(Path(requested), model_args)
         return requested
     if data_args.overwrite_output_dir:
         old = checkpoints(output_dir)
@@ -83,10 +105,13 @@ def resume_point(data_args, training_args) -> str | None:
     last = last_checkpoint(output_dir)
     if requested and last is None:
         raise RecipeError(f"--resume_from_checkpoint true: {output_dir} holds no complete checkpoint to resume from")
-    if last is not None and training_args.process_index == 0:
+    if last is None:
+        return None
+    check_resumable(last, model_args)
+    if training_args.process_index == 0:
         print(f"resuming from {last}: {output_dir} holds an unfinished run (--overwrite_output_dir true starts "
               "afresh)")
-    return str(last) if last else None
+    return str(last)
 
 
 class StopOnNonFiniteLoss(TrainerCallback):

@@ -39,7 +39,7 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
 
     # 1. Output dir: a finished run is never overwritten unless asked; an unfinished one resumes from its last
     #    complete checkpoint
-    resume_from = resume_point(data_args, training_args)
+    resume_from = resume_point(data_args, training_args, model_args)
 
     # 2. Logging must never stop at an interactive wandb login
     configure_wandb(training_args.report_to)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from data import medical
 from lora_recipes.config import parse_args
+from lora_recipes.errors import RecipeError
 from lora_recipes.reliability import is_complete, last_checkpoint, out_of_memory_advice, resume_point
 from lora_recipes.sft import main
 
@@ -82,9 +83,17 @@ def test_a_cut_short_checkpoint_is_skipped_when_resuming(tmp_path, capsys):
         (tmp_path / f"checkpoint-{step}").mkdir()
         if state is not None:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
-    data_args, training_args, _ = parse_args(SMOKE, ["--output_dir", str(tmp_path)])
-    assert resume_point(data_args, training_args) == str(tmp_path / "checkpoint-5")
+    args = parse_args(SMOKE, ["--output_dir", str(tmp_path)])
+    assert resume_point(*args) == str(tmp_path / "checkpoint-5")
     assert f"resuming from {tmp_path / 'checkpoint-5'}" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_another_lora_shape_is_refused_not_loaded(medical_smoke_run, tmp_path):
+    finished, _ = medical_smoke_run
+    shutil.copytree(finished / "checkpoint-15", tmp_path / "checkpoint-15")
+    with pytest.raises(RecipeError, match=rf"^{tmp_path / 'checkpoint-15'} was trained with lora_r 16, this run has "
+                                          "8: rerun with the same settings to resume, or pass --overwrite_output_dir"):
+        resume_point(*parse_args(SMOKE, ["--output_dir", str(tmp_path), "--lora_r", "8"]))
 
 
 def test_a_finished_run_is_refused_before_anything_loads(medical_smoke_run, monkeypatch, capsys):
