@@ -305,10 +305,11 @@ def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_p
             rows = read_file(file)[:max_rows]
             schema = detect_schema(rows[0].keys(), schemas, str(file))
             # converted before Arrow sees the rows: a wrong-typed value, nested ones included, names its row instead of
-            # breaking the table, and the columns no converter reads may hold anything
-            progress = tqdm(enumerate(rows), total=len(rows), desc=f"Converting {file.name}", unit=" examples")
-            converted.append(Dataset.from_list([_convert(row, i, schema, str(file), 1) for i, row in progress],
-                                               features=_converted_features()))
+            # breaking the table, and the columns no converter reads may hold anything. The progress bar closes on an
+            # error too, so the error starts a line of its own
+            with tqdm(enumerate(rows), total=len(rows), desc=f"Converting {file.name}", unit=" examples") as progress:
+                examples = [_convert(row, i, schema, str(file), 1) for i, row in progress]
+            converted.append(Dataset.from_list(examples, features=_converted_features()))
             schema_names.add(schema.name)
         return concatenate_datasets(converted), "+".join(sorted(schema_names))
     if path.suffix in LOCAL_SUFFIXES or "/" not in source:
