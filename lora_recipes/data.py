@@ -239,7 +239,7 @@ def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int
 
 
 def _convert_batch(batch: dict, indices: list[int], schema: Schema, source: str, row_offset: int) -> dict:
-    """`_convert` over a batch of rows: `datasets` pays its per-call overhead once per batch instead of once per row."""
+    """`_convert` over a batch of rows: `datasets` pays its per-call overhead once per batch, not once per row."""
     out = {"messages": [], "split_key": [], "drop_reason": []}
     for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
         converted = _convert(dict(zip(batch, values, strict=True)), index, schema, source, row_offset)
