@@ -21,8 +21,8 @@ the pinned stack actually keeps alive at the peak of a training step:
   32768 vocabulary entries (in place on CUDA; on CPU its torch fallback holds about 7 fp32 copies of a tile), and
   accumulates the hidden-state gradient in fp32;
 - transient: the largest quantised weight dequantised for a matmul, and the gradients flowing through one layer;
-- framework: on CUDA, the context and kernels plus the caching allocator's slack; on CPU, the interpreter and the
-  imported stack (measured growth in `tests/test_memory.py` is over that baseline).
+- framework: on CUDA, the context and kernels plus the caching allocator's slack (assumed); on CPU, the interpreter
+  and the imported stack. `tests/test_memory.py` checks the rest against the peak of live tensor bytes of real steps.
 
 Every sequence is taken to fill `max_length` (the worst case a batch can reach, and what packing produces).
 """
