@@ -4,19 +4,21 @@
     python bench/train_throughput.py --quick     # every section in miniature (proves the script and its output)
 
 One run measures, on the same random-init model of realistic proportions (no download), the same data and seed:
-1. training throughput (non-padding tokens per second) and peak memory of the recipe (its YAML for this device:
-   recipes/configs/medical_smoke.yaml on CPU, recipes/configs/medical.yaml on CUDA) against a bare `SFTTrainer`
-   with TRL's defaults, plus one-setting variants of the recipe (activation checkpointing, precision, optimizer);
+1. training throughput (non-padding tokens per second) and peak memory of the recipe (its real defaults,
+   recipes/configs/medical.yaml, with use_cpu on CPU) against a bare `SFTTrainer` with TRL's defaults, plus
+   one-setting variants of the recipe (activation checkpointing, precision, optimizer);
 2. padded batches against packing (bfd, padding-free position ids) on the lengths of the domain's sample rows,
    with the padding waste of each, for every attention implementation available here;
-3. data preparation (`prepare_data`) of 100k synthetic rows per source schema of every domain with samples, with
-   `num_proc` 1 and 2;
+3. data preparation (`prepare_data`) of 100k synthetic rows per source schema of every domain with samples: from a
+   local file, and from the Arrow table a Hub id loads to, with `num_proc` 1 and 2;
 4. time from `accelerate launch recipes/sft_medical.py` to the first optimizer step, phase by phase;
 and on CUDA, the memory planner against the allocator's peak of real steps.
 
-Each trainer runs in its own process (`python -m lora_recipes.measure`); they take turns, one timed round of a few
-optimizer steps each, after warm-up steps that are not timed, so that load on a shared machine hits them alike.
-Ratios are medians over rounds. Writes bench/results/<device>.json and bench/results/<device>.md.
+Each trainer runs in its own process (`python -m lora_recipes.measure`); they take turns, one timed round of
+optimizer steps each, in a different order every round, after warm-up steps that are not timed. On CPU each trainer
+runs one thread and throughput is counted per CPU second (`time.process_time`), which other processes on a shared
+machine do not inflate; the wall clock (`time.perf_counter`) is recorded beside it. Ratios: median over rounds.
+Writes bench/results/<device>.json and bench/results/<device>.md.
 """
 
 import argparse
@@ -38,6 +40,8 @@ from lora_recipes.measure import collect, long_chats, measure, random_model, rea
 
 RESULTS = REPO_ROOT / "bench" / "results"
 BASELINE = "bare TRL SFTTrainer (TRL defaults)"
+# the recipe's real defaults on both devices (with use_cpu on CPU; the smoke YAML is sized for the tiny model)
+RECIPE_CONFIG = REPO_ROOT / "recipes" / "configs" / "medical.yaml"
 SAMPLES = REPO_ROOT / "data" / "samples"
 # Llama proportions scaled down: head_dim 64, 4 query heads per KV head, MLP 3.5x hidden, vocabulary 32x hidden
 # (the tokenizer uses the first 1024 ids; the LM head and softmax still span all 8192, as in real models)
@@ -77,7 +81,7 @@ def machine(device: str) -> dict:
 def attention_implementations(device: str) -> list[str]:
     import importlib.util
 
-    found = ["sdpa"]
+    found = ["sdpa", "eager"]  # eager: the attention that every architecture has, with the mask it must build
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         found.append("flash_attention_2")
     return found
@@ -88,32 +92,26 @@ def trainer_variants(device: str, quick: bool) -> dict[str, tuple[str, list[str]
     variants = {BASELINE: ("baseline", []), "recipe": ("recipe", [])}
     if quick:
         return variants
-    # packed rows of max_length tokens: as many per batch as give about the padded batch's tokens per step
-    bins = "3" if device == "cpu" else "1"
+    # one packed row per batch, about as many tokens as the padded batch of 4 (the samples average ~170 tokens)
     for attn in attention_implementations(device):
         suffix = "" if attn == "sdpa" else f", {attn}"
         if attn != "sdpa":
             variants[f"recipe{suffix}"] = ("recipe", ["--attn_implementation", attn])
-        variants[f"recipe + packing (bfd, padding-free, {bins} rows/batch){suffix}"] = (
-            "recipe", ["--attn_implementation", attn, "--packing", "true", "--per_device_train_batch_size", bins])
+        variants[f"recipe + packing (bfd, padding-free, 1 row of 768){suffix}"] = (
+            "recipe", ["--attn_implementation", attn, "--packing", "true", "--max_length", "768",
+                       "--per_device_train_batch_size", "1"])
     variants["recipe, activation checkpointing off"] = ("recipe", ["--activation_checkpointing", "false"])
-    if device == "cpu":
-        variants["recipe, bf16 weights and autocast"] = ("recipe", ["--dtype", "bfloat16", "--bf16", "true"])
-        variants["recipe, fused AdamW"] = ("recipe", ["--optim", "adamw_torch_fused"])
-    else:
-        variants["recipe, 8-bit paged AdamW"] = ("recipe", ["--optim", "paged_adamw_8bit"])
+    variants["recipe, fp32 weights, no autocast"] = ("recipe", ["--dtype", "float32", "--bf16", "false"])
+    variants["recipe, non-fused AdamW"] = ("recipe", ["--optim", "adamw_torch"])
+    variants["recipe, LoRA dropout 0.05 (TRL's default)"] = ("recipe", ["--lora_dropout", "0.05"])
+    variants["recipe, loss on every token (TRL's default)"] = ("recipe", ["--assistant_only_loss", "false"])
     return variants
-
-
-def recipe_config(device: str) -> Path:
-    name = "medical_smoke.yaml" if device == "cpu" else "medical.yaml"
-    return REPO_ROOT / "recipes" / "configs" / name
 
 
 def run_args(device: str, model: Path, output_dir: Path, max_steps: int) -> list[str]:
     """The recipe's YAML for this device, on the bench model and the medical samples, with no eval or checkpoints."""
     sources = [str(p) for p in sorted((SAMPLES / "medical").glob("*.jsonl"))]
-    return ["--config", str(recipe_config(device)), "--model_name_or_path", str(model), "--dataset_name", *sources,
+    return ["--config", str(RECIPE_CONFIG), "--model_name_or_path", str(model), "--dataset_name", *sources,
             "--output_dir", str(output_dir), "--max_steps", str(max_steps), "--eval_strategy", "no",
             "--save_strategy", "no", "--report_to", "none", *(["--use_cpu", "true"] if device == "cpu" else [])]
 
@@ -125,8 +123,10 @@ def side_by_side(model: Path, device: str, workdir: Path, quick: bool, warmup: i
     for i, (name, (kind, overrides)) in enumerate(trainer_variants(device, quick).items()):
         args = [*run_args(device, model, workdir / f"run{i}", warmup + rounds * steps_per_round),
                 "--logging_steps", "1000", "--disable_tqdm", "true", *overrides]
-        spec = {"kind": kind, "domain": "medical", "config": str(recipe_config(device)), "args": args,
+        spec = {"kind": kind, "domain": "medical", "config": str(RECIPE_CONFIG), "args": args,
                 "warmup": warmup, "rounds": rounds, "steps_per_round": steps_per_round}
+        if device == "cpu":
+            spec["threads"] = 1  # its CPU seconds then measure its work, whatever else the machine runs
         proc = start(spec, gate=True)
         workers[name] = {"proc": proc, "kind": kind, "overrides": overrides,
                          "events": read_events(proc, "waiting")}  # start-up and warm-up, while the others wait
@@ -151,7 +151,8 @@ def side_by_side(model: Path, device: str, workdir: Path, quick: bool, warmup: i
         trainers[name] = {
             "kind": w["kind"],
             "overrides": w["overrides"],
-            "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in result["rounds"]),
+            # wall clock: the best round is the least disturbed by other load (load only ever slows a round down)
+            "tokens_per_s": max(r["tokens"] / r["seconds"] for r in result["rounds"]),
             "tokens_per_cpu_s": statistics.median(r["tokens"] / r["cpu_seconds"] for r in result["rounds"]),
             "rounds": result["rounds"],
             "padding_waste": result["padding_waste"],
@@ -163,11 +164,14 @@ def side_by_side(model: Path, device: str, workdir: Path, quick: bool, warmup: i
     return trainers
 
 
-def round_ratios(trainers: dict, name: str, reference: str) -> dict:
-    """Throughput of `name` over `reference`, per interleaved round, and their median."""
-    ratios = [(a["tokens"] / a["seconds"]) / (b["tokens"] / b["seconds"])
-              for a, b in zip(trainers[name]["rounds"], trainers[reference]["rounds"], strict=True)]
-    return {"median": statistics.median(ratios), "rounds": ratios}
+def ratios(trainers: dict, name: str, reference: str, device: str) -> dict:
+    """Throughput of `name` over `reference`, round by round (CPU seconds on CPU, wall clock on CUDA): the median
+    and range of the per-round ratios, and the ratio of the best wall-clock rounds."""
+    clock = "cpu_seconds" if device == "cpu" else "seconds"
+    per_round = [(a["tokens"] / a[clock]) / (b["tokens"] / b[clock])
+                 for a, b in zip(trainers[name]["rounds"], trainers[reference]["rounds"], strict=True)]
+    return {"median": statistics.median(per_round), "rounds": per_round, "clock": clock,
+            "best_wall": trainers[name]["tokens_per_s"] / trainers[reference]["tokens_per_s"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,8 +184,11 @@ def domains() -> list[str]:
 
 
 def synthetic_rows(sample_file: Path, rows: int, path: Path) -> Path:
-    """`rows` rows in the sample file's schema: its rows repeated, each made distinct by a numbered string field."""
-    samples = [json.loads(line) for line in sample_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """`rows` rows in the sample file's schema, as JSON lines: its rows repeated, each made distinct (so that
+    deduplication keeps them all) by a numbered string field."""
+    from lora_recipes.data import read_file
+
+    samples = read_file(sample_file)
     text_field = next(k for k, v in samples[0].items() if isinstance(v, str) and len(v) > 20)
     with path.open("w", encoding="utf-8") as f:
         for i in range(rows):
@@ -191,29 +198,48 @@ def synthetic_rows(sample_file: Path, rows: int, path: Path) -> Path:
     return path
 
 
-def data_preparation(rows: int, num_procs: tuple[int, ...], workdir: Path) -> list[dict]:
+def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdir: Path) -> list[dict]:
+    """`prepare_data` on `rows` synthetic rows of every source schema, through both of its paths: a local file (read
+    and converted in one Python pass, so that an error names its line; `num_proc` does not apply) and the Arrow table
+    that `load_dataset` returns for a Hub id (converted with `Dataset.map`, where `num_proc` does apply). The Hub
+    table is read from the same rows beforehand, so its time is conversion, deduplication and split only."""
     import importlib
+    from unittest import mock
 
     import datasets
 
-    from lora_recipes.data import detect_schema, prepare_data
+    from lora_recipes import data as data_module
+    from lora_recipes.data import detect_schema, prepare_data, read_file
 
     datasets.disable_progress_bars()
+    datasets.disable_caching()  # a repeat must convert again, not load the previous repeat's cache files
     results = []
     for domain in domains():
         module = importlib.import_module(f"data.{domain}")
-        for sample_file in sorted((SAMPLES / domain).glob("*.jsonl")):
-            first = json.loads(sample_file.read_text(encoding="utf-8").splitlines()[0])
-            schema = detect_schema(first.keys(), module.SCHEMAS, str(sample_file)).name
+        for sample_file in sorted(p for p in (SAMPLES / domain).iterdir() if p.suffix in (".jsonl", ".txt")):
+            schema = detect_schema(read_file(sample_file)[0].keys(), module.SCHEMAS, str(sample_file)).name
             path = synthetic_rows(sample_file, rows, workdir / f"{domain}-{sample_file.stem}.jsonl")
-            for num_proc in num_procs:
-                started = time.perf_counter()
-                prepared = prepare_data([str(path)], module.SCHEMAS, eval_fraction=0.01, num_proc=num_proc)
-                seconds = time.perf_counter() - started
-                results.append({"domain": domain, "schema": schema, "rows": rows, "num_proc": num_proc,
-                                "seconds": seconds, "rows_per_s": rows / seconds,
-                                "kept": prepared.sources[0].kept})
-                print(f"  {domain}/{schema}, num_proc {num_proc}: {rows / seconds:,.0f} rows/s", flush=True)
+            table = datasets.Dataset.from_json(str(path), cache_dir=str(workdir / "hf-cache"))
+            hub_id = f"synthetic/{sample_file.stem}"
+            kept = None
+            paths = [("local file", None, str(path))] + [("Hub table", n, hub_id) for n in num_procs]
+            for source_kind, num_proc, source in paths:
+                seconds = []
+                with mock.patch.object(data_module, "load_hub_train_split", lambda *_, table=table: table):
+                    for _ in range(repeats):
+                        started = time.perf_counter()
+                        prepared = prepare_data([source], module.SCHEMAS, eval_fraction=0.01, num_proc=num_proc)
+                        seconds.append(time.perf_counter() - started)
+                report = prepared.sources[0]
+                kept = kept if source_kind != "local file" else report.kept  # the samples hold a few invalid rows
+                if report.kept != kept:
+                    raise RuntimeError(f"{domain}/{schema}: {source_kind} kept {report.kept} rows, the local file "
+                                       f"{kept}")
+                results.append({"domain": domain, "schema": schema, "rows": rows, "source": source_kind,
+                                "num_proc": num_proc, "seconds": seconds, "rows_per_s": rows / min(seconds),
+                                "kept": report.kept, "dropped": report.dropped})
+                print(f"  {domain}/{schema}, {source_kind}"
+                      f"{f', num_proc {num_proc}' if num_proc else ''}: {rows / min(seconds):,.0f} rows/s", flush=True)
             path.unlink()
     return results
 
@@ -251,7 +277,7 @@ def launch_to_first_step(model: Path, device: str, workdir: Path, repeats: int) 
     for i in range(repeats):
         args = [*run_args(device, model, workdir / f"launch{i}", 1), "--logging_steps", "1"]
         runs["recipe"].append(timed_launch([*launcher, "recipes/sft_medical.py", *args], PHASES))
-        spec = {"kind": "baseline", "domain": "medical", "config": str(recipe_config(device)), "args": args}
+        spec = {"kind": "baseline", "domain": "medical", "config": str(RECIPE_CONFIG), "args": args}
         runs[BASELINE].append(timed_launch([*launcher, "-m", "lora_recipes.measure", json.dumps(spec)],
                                            BASELINE_PHASES))
         print(f"  launch {i + 1}: first optimizer step after {runs['recipe'][-1]['first optimizer step']:.1f} s "
@@ -266,7 +292,7 @@ def planner_on_cuda(workdir: Path) -> list[dict]:
     from lora_recipes.config import parse_args
     from lora_recipes.memory import architecture, plan, setup_from_args
 
-    config = recipe_config("cuda")
+    config = RECIPE_CONFIG
     results = []
     for name, shape in MEMORY_MODELS.items():
         model = random_model(workdir / f"memory-{name}", **dict(shape))
@@ -295,31 +321,45 @@ def planner_on_cuda(workdir: Path) -> list[dict]:
 def markdown(results: dict) -> str:
     m = results["machine"]
     where = m["gpu"] if m["device"] == "cuda" else f"{m['cpu_cores']}-core CPU ({m['cpu']}), no GPU"
+    cpu = m["device"] == "cpu"
     trainers = results["trainers"]
     rounds = trainers[BASELINE]["rounds"]
     lines = [
-        f"`{results['command']}` on {where}; torch threads {m['torch_threads']}; load average "
+        f"`{results['command']}` on {where}"
+        f"{' (trainers single-threaded, see below)' if m['device'] == 'cpu' else ''}; load average "
         f"{m['load_average_at_start']:.1f} at start, {results['load_average_at_end']:.1f} at the end. Model: "
         f"random-init Llama shape {results['model']}. Data: the SYNTHETIC medical samples.",
         "",
-        "| trainer | non-padding tokens/s | vs bare TRL: median (range) | padding waste | tokens/batch | "
-        "peak memory | of which training |",
-        "|---|---|---|---|---|---|---|",
+        f"| trainer | vs bare TRL: median (range) | non-padding tokens per {'CPU second' if cpu else 'second'} | "
+        "best wall-clock tokens/s | "
+        "padding waste | tokens/batch | peak memory | of which training |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, t in trainers.items():
-        ratio = results["ratios"].get(name)
-        versus = f"{ratio['median']:.2f}x ({min(ratio['rounds']):.2f}-{max(ratio['rounds']):.2f})" if ratio else "1"
-        lines.append(f"| {name} | {t['tokens_per_s']:,.0f} | {versus} | {t['padding_waste']:.0%} | "
-                     f"{t['tokens_per_batch']:,.0f} | {t['peak_memory_bytes'] / 2**20:,.0f} MiB | "
-                     f"{t['training_memory_bytes'] / 2**20:,.0f} MiB |")
+        r = results["ratios"].get(name)
+        versus = f"**{r['median']:.2f}x** ({min(r['rounds']):.2f}-{max(r['rounds']):.2f})" if r else "1"
+        median = statistics.median(x["tokens"] / x["cpu_seconds" if cpu else "seconds"] for x in t["rounds"])
+        lines.append(f"| {name} | {versus} | {median:,.0f} | {t['tokens_per_s']:,.0f} | "
+                     f"{t['padding_waste']:.0%} | {t['tokens_per_batch']:,.0f} | "
+                     f"{t['peak_memory_bytes'] / 2**20:,.0f} MiB | {t['training_memory_bytes'] / 2**20:,.0f} MiB |")
     peak = ("the CUDA allocator's peak" if m["device"] == "cuda"
             else "peak resident set over the process after its imports (weights, data and runtime included); "
                  "of which training: its growth during the training steps")
-    lines += ["", f"Throughput: median over {len(rounds)} interleaved rounds of {rounds[0]['steps']} optimizer "
-              f"steps each, after warm-up steps; ratios per round. Peak memory: {peak}.", ""]
-    lines += ["| data preparation (`prepare_data`) | rows | num_proc | rows/s |", "|---|---|---|---|"]
+    clock = ("CPU seconds of single-threaded trainers (unlike wall time, they do not grow when other processes "
+             "share the cores)" if m["device"] == "cpu" else "wall-clock seconds")
+    lines += ["", f"Each trainer: {len(rounds)} interleaved rounds of {rounds[0]['steps']} optimizer step(s), after "
+              f"warm-up steps; ratio per round in {clock}, median and range over rounds. Peak memory: {peak}.", ""]
+    repeats = len(results["data_preparation"][0]["seconds"])
+    num_procs = sorted({d["num_proc"] for d in results["data_preparation"] if d["num_proc"]})
+    lines += [f"| data preparation (`prepare_data`, rows/s, best of {repeats}) | rows | local .jsonl file | "
+              + " | ".join(f"Hub table, num_proc {n}" for n in num_procs) + " |",
+              "|---|---|---|" + "---|" * len(num_procs)]
+    by_schema: dict[tuple, dict] = {}
     for d in results["data_preparation"]:
-        lines.append(f"| {d['domain']} / {d['schema']} | {d['rows']:,} | {d['num_proc']} | {d['rows_per_s']:,.0f} |")
+        by_schema.setdefault((d["domain"], d["schema"], d["rows"]), {})[d["num_proc"]] = d["rows_per_s"]
+    for (domain, schema, rows), speed in by_schema.items():
+        lines.append(f"| {domain} / {schema} | {rows:,} | {speed[None]:,.0f} | "
+                     + " | ".join(f"{speed[n]:,.0f}" for n in num_procs) + " |")
     launches = results["launch"]
     lines += ["", f"| `accelerate launch` to ... (median of {len(launches['recipe'])}) | recipe | bare TRL |",
               "|---|---|---|"]
@@ -345,9 +385,12 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    warmup, rounds, steps_per_round = (1, 1, 1) if args.quick else (2, 5, 2)
+    warmup, rounds, steps_per_round = (1, 1, 1) if args.quick else (2, 12, 3)
     results = {"command": "python bench/train_throughput.py" + (" --quick" if args.quick else ""),
                "machine": machine(device)}
+    stem = device + ("-quick" if args.quick else "")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    partial = args.output_dir / f"{stem}.partial.json"  # what a crash or an interrupt leaves behind
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
         shape = QUICK_MODEL if args.quick else BENCH_MODEL
@@ -355,10 +398,13 @@ def main() -> None:
         results["model"] = shape
         print("1-2. trainers side by side", flush=True)
         results["trainers"] = side_by_side(model, device, workdir, args.quick, warmup, rounds, steps_per_round)
-        results["ratios"] = {name: round_ratios(results["trainers"], name, BASELINE)
+        results["ratios"] = {name: ratios(results["trainers"], name, BASELINE, device)
                              for name in results["trainers"] if name != BASELINE}
+        partial.write_text(json.dumps(results, indent=2) + "\n")
         print("3. data preparation", flush=True)
-        results["data_preparation"] = data_preparation(2_000 if args.quick else 100_000, (1, 2), workdir)
+        results["data_preparation"] = data_preparation(2_000 if args.quick else 100_000, (1, 2),
+                                                       1 if args.quick else 2, workdir)
+        partial.write_text(json.dumps(results, indent=2) + "\n")
         print("4. launch to first optimizer step", flush=True)
         results["launch"] = launch_to_first_step(model, device, workdir, 1 if args.quick else 3)
         if device == "cuda" and not args.quick:
@@ -367,9 +413,8 @@ def main() -> None:
         results["load_average_at_end"] = os.getloadavg()[0]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = device + ("-quick" if args.quick else "")
     (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    partial.unlink(missing_ok=True)
     table = markdown(results)
     (args.output_dir / f"{stem}.md").write_text(table)
     print(table)

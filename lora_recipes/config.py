@@ -74,8 +74,7 @@ def parse_args(default_config: Path, argv: list[str] | None = None):
     config_path = Path(argv[argv.index("--config") + 1])
     if not config_path.is_file():
         raise RecipeError(f"{config_path}: config file not found")
-    # a dry run plans a GPU config on any machine: TrainingArguments would refuse bf16 without a GPU, and nothing
-    # trains
+    # a dry run plans a GPU config on any machine (TrainingArguments refuses bf16 without a GPU; nothing trains)
     gpu_plan = dry_run_without_gpu(argv, config_path)
     # No abbreviations (a typo that is a prefix of a flag must not pass as that flag); argparse's own errors (a value
     # of the wrong type, a missing value) become one line instead of the whole usage text

@@ -99,7 +99,9 @@ def _decode(path: Path) -> str:
                           "as UTF-8)") from None
 
 
-def _read_json_lines(path: Path, text: str) -> list[dict]:
+def numbered_json_lines(path: Path, text: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; a bad line is a one-line error naming it."""
+    text = _decode(path) if text is None else text
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -110,8 +112,12 @@ def _read_json_lines(path: Path, text: str) -> list[dict]:
             raise RecipeError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
             raise RecipeError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+        rows.append((number, row))
     return rows
+
+
+def _read_json_lines(path: Path, text: str) -> list[dict]:
+    return [row for _, row in numbered_json_lines(path, text)]
 
 
 def _read_json_array(path: Path, text: str) -> list[dict]:
@@ -284,6 +290,16 @@ def _convert_batch(batch: dict, indices: list[int], schema: Schema, source: str,
 # ---------------------------------------------------------------------------------------------------------------
 # One source, then the mixture
 # ---------------------------------------------------------------------------------------------------------------
+# Worker processes take ~0.5 s to start (bench/results/cpu.md: launch to first step): below this many rows one process
+# converts or tokenizes sooner. At 100k rows two processes convert 1.2-1.6x faster than one
+MIN_ROWS_PER_PROCESS_POOL = 10_000
+
+
+def worth_processes(num_proc: int | None, rows: int) -> int | None:
+    """`num_proc` where the rows are many enough to repay starting the processes, else None (this process)."""
+    return num_proc if num_proc and num_proc > 1 and rows >= MIN_ROWS_PER_PROCESS_POOL else None
+
+
 def _converted_features():
     """The columns every converted source has, typed up front: a file whose rows are all dropped still concatenates."""
     from datasets import Features, List, Value
@@ -326,7 +342,7 @@ def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_p
         fn_kwargs={"schema": schema, "source": source, "row_offset": 1},
         remove_columns=table.column_names,
         features=_converted_features(),
-        num_proc=num_proc if num_proc and len(table) >= 1000 else None,
+        num_proc=worth_processes(num_proc, len(table)),
         desc=f"Converting {source}",
     )
     return converted, schema.name

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import worth_processes
 from .run_card import redact, write_json
 
 CARD_JSON, CARD_MD, CARD_PLOT = "data_card.json", "data_card.md", "data_card_lengths.png"
@@ -47,7 +48,7 @@ def token_lengths(dataset, tokenizer, assistant_only_loss: bool, num_proc: int |
                 "first_target": [mask.index(1) if 1 in mask else len(mask) for mask in masks]}
 
     measured = dataset.map(measure, batched=True, batch_size=256, remove_columns=dataset.column_names,
-                           num_proc=num_proc if num_proc and len(dataset) >= 10_000 else None,
+                           num_proc=worth_processes(num_proc, len(dataset)),
                            desc="Measuring token lengths")
     return {"length": measured["length"], "first_target": measured["first_target"]}
 

@@ -574,15 +574,6 @@ def report_meta(adapter: str, base_model: str, quantization: str, args: EvalArgu
             "settings": asdict(args), "skipped": skipped}
 
 
-def describe_quantization(model_args) -> str:
-    if model_args.load_in_4bit:
-        nested = " + double quantisation" if model_args.use_bnb_nested_quant else ""
-        return f"4-bit {model_args.bnb_4bit_quant_type}{nested}, compute {model_args.dtype}"
-    if model_args.load_in_8bit:
-        return "8-bit"
-    return f"not quantised, {model_args.dtype}"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The two entry points: recipes/evaluate.py (a saved adapter) and the end of a training run (the model in memory)
 # ---------------------------------------------------------------------------------------------------------------
@@ -671,6 +662,8 @@ def evaluate_after_training(trainer, domain: ModuleType, held_out, data_args, tr
         print("End-of-training evaluation: nothing to evaluate (no held-out split; " + "; ".join(skipped) + ")")
         return
     results = compare(trainer.model, trainer.processing_class, tasks, args)
+    from .model import describe_quantization
+
     meta = report_meta(args.adapter, model_args.model_name_or_path, describe_quantization(model_args), args, skipped)
     path = write_report(results, Path(training_args.output_dir), meta)
     print(f"Evaluation report (base vs adapter): {path.with_suffix('.md')}")

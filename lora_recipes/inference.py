@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RecipeError
-from .model import _hub_error, quantization_config
+from .model import _hub_error, describe_quantization, quantization_config
 
 RUN_CARD = "run_card.json"
 
@@ -74,13 +74,7 @@ class TrainedAdapter:
     @property
     def quantization(self) -> str:
         """What the base looked like in training, in words (also the key that adapters on one base must share)."""
-        args = self.model_args
-        if args.load_in_4bit:
-            nested = ", double quantisation" if args.use_bnb_nested_quant else ""
-            return f"4-bit {args.bnb_4bit_quant_type.upper()}{nested}, compute dtype {args.dtype}"
-        if args.load_in_8bit:
-            return "8-bit LLM.int8"
-        return f"none: plain LoRA on {args.dtype} weights"
+        return describe_quantization(self.model_args)
 
     @property
     def system_prompt(self) -> str | None:

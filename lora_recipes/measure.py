@@ -1,18 +1,23 @@
-"""Measure real training steps in a fresh process: peak memory, throughput and time to the first optimizer step.
+"""Measure real training steps: peak memory, throughput and padding of the recipe's trainer or a bare TRL one.
 
-`tests/test_memory.py` compares the planner (`lora_recipes/memory.py`) with the peak measured here, and
-`bench/train_throughput.py` runs the recipe and a bare TRL `SFTTrainer` side by side through it. A worker trains
+`tests/test_memory.py` compares the planner (`lora_recipes/memory.py`) with the peaks measured here, and
+`bench/train_throughput.py` runs the recipe and a bare TRL `SFTTrainer` side by side through it. A run trains
 either through the recipe's own flow (`lora_recipes.sft.main`, the YAML and its overrides) or through a bare
-`SFTTrainer` with TRL's defaults on the same model, data, LoRA config and seed, and prints JSON lines:
+`SFTTrainer` with TRL's defaults on the same model, data, adapter shape (rank, targets), batch and seed:
 
-    python -m lora_recipes.measure '{"kind": "recipe", "domain": "medical", "config": "recipes/configs/...yaml",
+    python -m lora_recipes.measure '{"kind": "recipe", "domain": "medical", "config": "recipes/configs/medical.yaml",
                                      "args": ["--model_name_or_path", "...", ...], "warmup": 2, "rounds": 3,
-                                     "steps_per_round": 3, "gate": false}'
+                                     "steps_per_round": 1, "gate": false, "threads": 1, "track_tensors": false}'
 
-Peak memory: on CUDA the allocator's peak (`max_memory_allocated`, reset when training starts); on CPU the growth of
-the peak resident set (VmHWM, reset through /proc/self/clear_refs when training starts) over the resident size after
-imports, so loading transients do not count and the weights do. With `"gate": true` the worker waits for a line on
-stdin before each timed round, so that a parent can interleave several workers and time each one alone.
+prints its events as JSON lines (`measure: {...}`); `measure_here(spec)` runs one in this process instead.
+
+Memory, all reset when training starts, so that loading does not count: on CUDA the allocator's peak
+(`max_memory_allocated`); on CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the process
+after its imports, and with `track_tensors` the peak of live tensor bytes (a dispatch mode that adds up every
+storage an op creates until it is freed: the CPU counterpart of `max_memory_allocated`, what the planner models).
+Time: wall clock (`time.perf_counter`) and CPU time (`time.process_time`) per round of optimizer steps, with the
+non-padding tokens the round trained. With `"gate": true` the worker waits for a line on stdin before each round, so
+that a parent can interleave several workers and time each one alone.
 """
 
 import ctypes
@@ -238,9 +243,10 @@ def padding_waste(train_dataloader, batch_size: int, seed: int) -> dict:
 
 
 def baseline_trainer(domain, data_args, recipe_args, model_args, callbacks):
-    """A bare SFTTrainer with TRL's defaults, on the recipe's model, data, LoRA config, batch and seed."""
+    """A bare SFTTrainer with TRL's defaults, on the recipe's model, data, batch and seed, training the same adapter
+    (rank and target modules; alpha and dropout are TRL's defaults)."""
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer, get_peft_config
+    from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
     from .data import prepare_data
     from .model import load_model
@@ -256,7 +262,8 @@ def baseline_trainer(domain, data_args, recipe_args, model_args, callbacks):
         args=args,
         train_dataset=data.train,
         processing_class=AutoTokenizer.from_pretrained(model_args.model_name_or_path),
-        peft_config=get_peft_config(model_args),
+        peft_config=get_peft_config(ModelConfig(use_peft=True, lora_r=model_args.lora_r,
+                                                lora_target_modules=model_args.lora_target_modules)),
         callbacks=callbacks,
     )
 
@@ -265,12 +272,14 @@ def run(spec: dict, emit) -> None:
     """Train as `spec` says (see the module docstring), passing the probe's events to `emit`."""
     import importlib
 
-    import torch  # noqa: F401  (imported before the baseline is taken)
-    import trl  # noqa: F401
+    import torch
+    import trl  # noqa: F401  (imported before the baseline is taken)
 
     from .config import parse_args
     from .sft import main
 
+    if "threads" in spec:
+        torch.set_num_threads(spec["threads"])
     baseline = release_free_memory()
     sys.path.insert(0, str(REPO_ROOT))
     domain = importlib.import_module(f"data.{spec['domain']}")

@@ -21,8 +21,8 @@ the pinned stack actually keeps alive at the peak of a training step:
   32768 vocabulary entries (in place on CUDA; on CPU its torch fallback holds about 7 fp32 copies of a tile), and
   accumulates the hidden-state gradient in fp32;
 - transient: the largest quantised weight dequantised for a matmul, and the gradients flowing through one layer;
-- framework: on CUDA, the context and kernels plus the caching allocator's slack; on CPU, the interpreter and the
-  imported stack (measured growth in `tests/test_memory.py` is over that baseline).
+- framework: on CUDA, the context and kernels plus the caching allocator's slack (assumed); on CPU, the interpreter
+  and the imported stack. `tests/test_memory.py` checks the rest against the peak of live tensor bytes of real steps.
 
 Every sequence is taken to fill `max_length` (the worst case a batch can reach, and what packing produces).
 """
@@ -45,7 +45,9 @@ HEAD_TOKENS, HEAD_VOCAB = 4096, 32768  # TRL's fused LM head tile (trl/kernels/c
 CPU_HEAD_TILE_COPIES = 7  # fp32 tile-sized temporaries of the fused head's torch fallback in backward
 CUDA_CONTEXT = 0.5 * GiB  # CUDA context, cuBLAS workspaces and loaded kernels (assumed, not measured here)
 CUDA_ALLOCATOR_SLACK = 0.05  # caching allocator: reserved exceeds allocated by a few percent
-CPU_RUNTIME = 0.5 * GiB  # resident size of Python + torch + transformers + TRL after import (measured, 2-core CI)
+# resident size of the process when training starts, the model aside: ~0.5 GiB after importing torch, transformers and
+# TRL, ~0.3 GiB more of lazily loaded modules, tokenizer and data (bench/results/cpu.json, 2-core CI machine)
+CPU_RUNTIME = 0.8 * GiB
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NAME_NOISE = {"meta", "instruct", "it", "chat", "hf"}
 
@@ -76,6 +78,7 @@ class Architecture:
     layers: int
     heads: int
     layer_linears: tuple[Linear, ...]  # the linear layers of one decoder layer
+    input_groups: tuple[tuple[str, ...], ...]  # names of the linears that read the same input, in call order
     layer_norm_widths: tuple[int, ...]  # per-token input width of each norm in one decoder layer
     final_norm_width: int
     total_params: int
@@ -121,8 +124,10 @@ def resolve_config(model: str) -> tuple[dict, str]:
         known = ", ".join(p.name for p in shipped_configs().values())
         raise RecipeError(f"model '{model}': no config.json found (not a file, a local folder with config.json, or a "
                           f"Hub id of a shipped config: {known}); pass --model path/to/config.json")
+    shown = candidates[0].resolve()
+    shown = shown.relative_to(REPO_ROOT) if shown.is_relative_to(REPO_ROOT) else candidates[0]
     try:
-        return json.loads(candidates[0].read_text(encoding="utf-8")), str(candidates[0])
+        return json.loads(candidates[0].read_text(encoding="utf-8")), str(shown)
     except json.JSONDecodeError as e:
         raise RecipeError(f"{candidates[0]}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
@@ -146,6 +151,20 @@ def architecture(model: str) -> Architecture:
     layer = layers[0]
     linears = tuple(Linear(n, m.in_features, m.out_features) for n, m in layer.named_modules()
                     if isinstance(m, torch.nn.Linear))
+    # which linears read the same tensor (q, k and v; gate and up): one forward on the meta device tells
+    calls = []  # (name, input) in call order; holding the inputs keeps their identities distinct
+    hooks = [m.register_forward_pre_hook(lambda _, args, name=n: calls.append((name, args[0])))
+             for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        meta(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    groups: list[tuple[list[str], object]] = []
+    for name, tensor in calls:
+        if groups and groups[-1][1] is tensor:
+            groups[-1][0].append(name)
+        else:
+            groups.append(([name], tensor))
     out_width = {lin.name.rpartition(".")[2]: lin.out_features for lin in linears}
     norms = []
     for n, m in layer.named_modules():
@@ -165,6 +184,7 @@ def architecture(model: str) -> Architecture:
         layers=len(layers),
         heads=text_config.num_attention_heads,
         layer_linears=linears,
+        input_groups=tuple(tuple(names) for names, _ in groups),
         layer_norm_widths=tuple(norms),
         final_norm_width=final_norm.weight.numel() if final_norm is not None else text_config.hidden_size,
         total_params=sum(p.numel() for p in meta.parameters()),
@@ -184,7 +204,7 @@ class Setup:
     mixed_precision: str | None = None  # "bf16" or "fp16" autocast (TrainingArguments bf16 / fp16)
     use_peft: bool = True
     lora_r: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # the recipes' default (README: defaults from measurements)
     lora_target_modules: str | list[str] | None = "all-linear"
     max_length: int = 2048
     per_device_train_batch_size: int = 4
@@ -270,7 +290,6 @@ def layer_activation_bytes(arch: Architecture, setup: Setup, first_layer: bool =
     b = setup.compute_bytes
     adapter_in = b if setup.mixed_precision else setup.adapter_bytes  # adapters see inputs cast to their dtype
     mask = 1 if setup.device == "cuda" else adapter_in  # native dropout keeps a bool mask; CPU a scaled noise tensor
-    linears = {lin.name: lin for lin in arch.layer_linears}
     # the first layer's input is the frozen embedding output: without checkpointing nothing upstream needs its grad
     no_input_grad = first_layer and not setup.activation_checkpointing
 
@@ -278,27 +297,30 @@ def layer_activation_bytes(arch: Architecture, setup: Setup, first_layer: bool =
     if no_input_grad:
         total -= 4 * arch.layer_norm_widths[0]
 
+    by_name = {lin.name: lin for lin in arch.layer_linears}
+    groups = [[by_name[name] for name in names] for names in arch.input_groups]
+    attn = [g for g in groups if "att" in g[0].parent]
+    mlp = [g for g in groups if "att" not in g[0].parent]
+
     # attention: q, k, v (or fused qkv) and the output; eager also keeps the fp32 probabilities and their cast
-    attn_in = [lin for lin in arch.layer_linears if lin.in_features == arch.hidden and "attn" in lin.parent]
-    attn_out = [lin for lin in arch.layer_linears if "attn" in lin.parent and lin not in attn_in]
-    total += b * (sum(lin.out_features for lin in attn_in) + sum(lin.in_features for lin in attn_out))
+    total += b * (sum(lin.out_features for lin in attn[0]) + sum(g[0].in_features for g in attn[1:]))
     if setup.attn_implementation == "eager":
         total += arch.heads * setup.max_length * (4 + b)
 
     # MLP: the outputs of the input projections (gate and up, fused gate_up, or fc1) and of the activation
-    mlp_in = [lin for lin in arch.layer_linears if "attn" not in lin.parent and lin.in_features == arch.hidden]
-    intermediate = max(lin.in_features for lin in arch.layer_linears if "attn" not in lin.parent)
-    total += b * (sum(lin.out_features for lin in mlp_in) + intermediate)
+    total += b * (sum(lin.out_features for lin in mlp[0]) + sum(g[0].in_features for g in mlp[1:]))
 
     # adapters (or, for full fine-tuning, the weight gradients): the input each one needs for backward
-    targets = arch.targets(setup.lora_target_modules) if setup.use_peft else arch.layer_linears
-    groups: dict[tuple[str, int], list[Linear]] = {}
-    for lin in targets:
-        groups.setdefault((linears[lin.name].parent, lin.in_features), []).append(lin)
-    for (_, width), members in groups.items():
+    targets = set(arch.targets(setup.lora_target_modules) if setup.use_peft else arch.layer_linears)
+    for group in groups:
+        members = [lin for lin in group if lin in targets]
+        if not members:
+            continue
+        width = members[0].in_features
         if setup.use_peft and setup.lora_dropout > 0:
-            masks = 0 if no_input_grad and members[0].in_features == arch.hidden and "attn" in members[0].parent \
-                else len(members) * mask
+            # dropout keeps its mask only where its input needs a gradient: not on the first layer's q/k/v, whose
+            # input comes from the frozen embeddings (unless checkpointing makes them require one)
+            masks = 0 if no_input_grad and group is groups[0] else len(members) * mask
             total += width * (len(members) * adapter_in + masks)
         elif adapter_in == b or not setup.use_peft:
             total += width * b  # the same input tensor, kept once for the whole group
@@ -431,7 +453,7 @@ def describe(plan_on: Plan, plan_off: Plan, budget: float | None = None) -> str:
     ]
     for label, key in rows:
         lines.append(f"{label:<38}{_gib(plan_on.parts[key])}{_gib(plan_off.parts[key]):>19}   "
-                     f"{plan_on.notes.get(key, '') if key != 'activations' else ''}")
+                     f"{plan_on.notes.get(key, '')}".rstrip())
     lines.append(f"{'peak':<38}{_gib(plan_on.peak)}{_gib(plan_off.peak):>19}")
     moment = {True: "LM head backward", False: "layer backward"}
     lines.append(f"{'peak moment':<38}{moment[plan_on.peak_in_head]:>12}{moment[plan_off.peak_in_head]:>19}")
@@ -510,8 +532,11 @@ def dry_run(training_args, model_args) -> str:
     if setup.device == "cuda" and torch.cuda.is_available():
         budget = torch.cuda.get_device_properties(0).total_memory
     text = report(architecture(model_args.model_name_or_path), setup, budget)
+    if budget is None:
+        text += ("\n\nNo GPU visible: for the largest batch that fits a given GPU, run recipes/plan_memory.py with "
+                 "--gpu_memory (e.g. 24GB)")
     chosen = "on" if setup.activation_checkpointing else "off"
-    return (f"{text}\n\nThis run: checkpointing {chosen}. Dry run: nothing was loaded; drop --dry_run to train.")
+    return f"{text}\n\nThis run: checkpointing {chosen}. Dry run: nothing was loaded; drop --dry_run to train."
 
 
 def fraction_error(planned: float, measured: float) -> float:

@@ -74,6 +74,16 @@ def quantization_config(model_args):
     return get_quantization_config(model_args)
 
 
+def describe_quantization(model_args) -> str:
+    """How the base is loaded, in words: for reports and model cards, and the key that adapters on one base share."""
+    if model_args.load_in_4bit:
+        nested = ", double quantisation" if model_args.use_bnb_nested_quant else ""
+        return f"4-bit {model_args.bnb_4bit_quant_type.upper()}{nested}, compute dtype {model_args.dtype}"
+    if model_args.load_in_8bit:
+        return "8-bit LLM.int8"
+    return f"none: plain LoRA on {model_args.dtype} weights"
+
+
 def load_model(model_args, training_args):
     """The base model, quantised as configured, one device per process; weights from safetensors only."""
     import torch

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .config import DataArguments, parse_args
-from .data import TokenBudget, prepare_data
+from .data import MIN_ROWS_PER_PROCESS_POOL, TokenBudget, prepare_data, worth_processes
 from .data_card import write_data_card
 from .distributed import launch_strategy, prepare_data_once, remove_data_cache
 from .errors import RecipeError, exit_on_recipe_error
@@ -75,6 +75,13 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         return None
     if data.eval is None and training_args.eval_strategy != "no":
         raise RecipeError("the eval split is empty: raise eval_fraction, add data, or set eval_strategy 'no'")
+
+    # SFTTrainer tokenizes with dataset_num_proc processes: only worth starting them for a large dataset
+    num_proc = worth_processes(training_args.dataset_num_proc, len(data.train))
+    if num_proc != training_args.dataset_num_proc and training_args.process_index == 0:
+        print(f"dataset_num_proc {training_args.dataset_num_proc} -> 1 process for {len(data.train):,} rows (worker "
+              f"processes pay off from {MIN_ROWS_PER_PROCESS_POOL:,} rows)")
+    training_args.dataset_num_proc = num_proc
 
     # 5. Base model (4-bit NF4 by default) and the LoRA adapter SFTTrainer puts on it
     model = load_model(model_args, training_args)

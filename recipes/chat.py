@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone: no install step
 
+from lora_recipes.data import numbered_json_lines  # noqa: E402
 from lora_recipes.errors import RecipeError, exit_on_recipe_error  # noqa: E402
 from lora_recipes.inference import (  # noqa: E402
     ChatModel,
@@ -61,21 +62,13 @@ class ChatArguments:
 
 def read_requests(path: Path, adapters: list[str], default_adapter: str | None) -> list[dict]:
     """The rows of a JSONL request file, each checked; a bad line stops the run naming the file and line."""
-    rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        numbered = numbered_json_lines(path)
     except OSError as e:
         raise RecipeError(f"{path}: cannot be read ({e.strerror})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    rows = []
+    for number, row in numbered:
         where = f"{path}: line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise RecipeError(f"{where}: expected a JSON object, got {type(row).__name__}")
         if ("prompt" in row) == ("messages" in row):
             raise RecipeError(f"{where}: needs exactly one of the fields 'prompt' (a string) and 'messages' (a list)")
         if "prompt" in row and not (isinstance(row["prompt"], str) and row["prompt"].strip()):

@@ -26,7 +26,6 @@ from lora_recipes.errors import RecipeError, exit_on_recipe_error  # noqa: E402
 from lora_recipes.evaluation import (  # noqa: E402
     EvalArguments,
     compare,
-    describe_quantization,
     load_domain,
     load_for_evaluation,
     named_tasks,
@@ -35,6 +34,7 @@ from lora_recipes.evaluation import (  # noqa: E402
     standard_tasks,
     write_report,
 )
+from lora_recipes.model import describe_quantization  # noqa: E402
 
 
 @exit_on_recipe_error

@@ -29,7 +29,7 @@ def test_real_defaults_are_4bit_qlora():
     medical_yaml = REPO_ROOT / "recipes" / "configs" / "medical.yaml"
     data_args, training_args, model_args = parse_args(medical_yaml, ["--use_cpu", "true"])
     assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4" and model_args.use_bnb_nested_quant
-    assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (16, 32, 0.05)
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (16, 32, 0.0)
     assert model_args.lora_target_modules == "all-linear"
     assert training_args.activation_checkpointing and training_args.gradient_checkpointing_kwargs == {
         "use_reentrant": False}

@@ -337,7 +337,7 @@ def test_training_saves_a_loss_curve_and_evaluates_its_held_out_split(medical_sm
     assert (output_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = check_report(output_dir, {"held_out/multiple_choice", "held_out/yes-no-maybe", "held_out/open"})
     assert all(task["n"] <= 8 for task in report["tasks"].values())  # eval_after_training_limit in the smoke YAML
-    assert report["quantization"].startswith("4-bit nf4") and report["skipped"]  # the Hub sets are off in the demo
+    assert report["quantization"].startswith("4-bit NF4") and report["skipped"]  # the Hub sets are off in the demo
     held_out = report["tasks"]["held_out/open"]["metrics"]["loss"]
     assert held_out["adapter"] < held_out["base"] - 1.0 and held_out["delta_ci"][1] < 0
     assert "Evaluation report (base vs adapter)" in proc.stdout

@@ -264,7 +264,7 @@ def test_interactive_chat_with_a_merged_model_ends_at_end_of_input(merged_run):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("{not json", "line 2: not valid JSON"),
+    ("{not json", "line 2: invalid JSON"),
     ('["What causes scurvy?"]', "line 2: expected a JSON object, got list"),
     ('{"question": "What causes scurvy?"}', "line 2: needs exactly one of the fields 'prompt'"),
     ('{"prompt": ""}', "line 2: field 'prompt': expected a non-empty string"),

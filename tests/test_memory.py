@@ -60,11 +60,14 @@ def test_lora_parameter_counts_match_peft():
     assert plan(architecture("Qwen/Qwen2.5-1.5B-Instruct"), Setup(lora_r=16)).trainable_params == 18_464_768
 
 
-def test_fused_projections_share_their_input():
+def test_linears_grouped_by_the_input_they_read(llama_8b):
+    # traced on the meta device: q/k/v share the normed hidden state, gate/up the other; o and down read their own
+    assert llama_8b.input_groups == (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                     ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
     # Phi-3 fuses q/k/v and gate/up: one adapter per fused projection, so fewer dropout copies than Llama's layout
     phi3 = architecture("microsoft/Phi-3-mini-4k-instruct")
-    assert [lin.name for lin in phi3.layer_linears] == ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj",
-                                                        "mlp.down_proj"]
+    assert phi3.input_groups == (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
+                                 ("mlp.down_proj",))
     assert plan(phi3, Setup(lora_r=8)).trainable_params == 32 * 8 * (3072 + 3072 + 3072 + 9216 + 3072 + 16384 + 8192
                                                                      + 3072)
 

@@ -1,0 +1,61 @@
+"""The committed benchmark results (the run the README cites) are complete, consistent, and shown as measured."""
+
+import importlib
+import json
+import statistics
+
+import pytest
+from conftest import REPO_ROOT
+
+from bench.train_throughput import BASELINE, PHASES, markdown
+
+RESULTS = REPO_ROOT / "bench" / "results"
+
+
+@pytest.fixture(scope="module")
+def cpu_results():
+    return json.loads((RESULTS / "cpu.json").read_text())
+
+
+def test_results_cover_every_section(cpu_results):
+    r = cpu_results
+    assert r["command"] == "python bench/train_throughput.py" and r["machine"]["device"] == "cpu"
+    trainers = r["trainers"]
+    assert {BASELINE, "recipe"} <= set(trainers) and any("packing" in name for name in trainers)
+    for t in trainers.values():
+        assert len(t["rounds"]) >= 5 and t["tokens_per_cpu_s"] > 0 and t["peak_memory_bytes"] > 0
+    packed = next(t for name, t in trainers.items() if "packing" in name)
+    assert packed["padding_waste"] == 0 < trainers["recipe"]["padding_waste"]
+    # every source schema of every domain, from a local file and from a Hub-style table with num_proc 1 and 2
+    measured = {(d["domain"], d["schema"], d["source"], d["num_proc"]) for d in r["data_preparation"]}
+    expected = {(domain, schema.name, source, num_proc)
+                for domain in ("medical", "legal", "finance")
+                for schema in importlib.import_module(f"data.{domain}").SCHEMAS if schema.name != "messages"
+                for source, num_proc in (("local file", None), ("Hub table", 1), ("Hub table", 2))}
+    assert measured == expected
+    assert all(d["rows"] == 100_000 and d["kept"] + sum(d["dropped"].values()) == d["rows"]
+               for d in r["data_preparation"])
+    for run in r["launch"]["recipe"]:
+        assert [run[phase] for phase, _ in PHASES] == sorted(run[phase] for phase, _ in PHASES)
+
+
+def test_ratios_follow_from_the_rounds(cpu_results):
+    trainers = cpu_results["trainers"]
+    for name, ratio in cpu_results["ratios"].items():
+        per_round = [(a["tokens"] / a["cpu_seconds"]) / (b["tokens"] / b["cpu_seconds"])
+                     for a, b in zip(trainers[name]["rounds"], trainers[BASELINE]["rounds"], strict=True)]
+        assert ratio["rounds"] == pytest.approx(per_round)
+        assert ratio["median"] == pytest.approx(statistics.median(per_round))
+
+
+def test_recipe_is_not_slower_than_bare_trl(cpu_results):
+    assert cpu_results["ratios"]["recipe"]["median"] >= 1.0
+
+
+def test_readme_shows_the_committed_table(cpu_results):
+    table = markdown(cpu_results)
+    assert (RESULTS / "cpu.md").read_text() == table
+    readme = (REPO_ROOT / "README.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    missing = [row for row in rows if row not in readme]
+    assert not missing, f"README lacks these rows of bench/results/cpu.md: {missing}"
