@@ -16,8 +16,10 @@ def demo_run(request, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp(f"{domain}-smoke")
     proc = run_recipe(f"recipes/sft_{domain}.py", "--config", f"recipes/configs/{domain}_smoke.yaml",
                       "--output_dir", str(output_dir), "--max_steps", "12", "--logging_steps", "3",
-                      "--eval_steps", "12", "--save_steps", "12")
+                      "--eval_steps", "12", "--save_steps", "12", "--dataset_num_proc", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a few hundred rows never repay four worker processes: the recipe tokenizes in one, and says so
+    assert "dataset_num_proc 4 -> 1 process for" in proc.stdout
     return domain, output_dir
 
 
@@ -32,6 +34,7 @@ def test_demo_trains_a_4bit_adapter_and_the_loss_falls(demo_run):
     card = json.loads((output_dir / "run_card.json").read_text())
     assert card["config"]["model"]["load_in_4bit"] is True and card["config"]["model"]["bnb_4bit_quant_type"] == "nf4"
     assert "eval_loss" in card["metrics"]
+    assert card["config"]["training"]["dataset_num_proc"] is None  # what the run used, not what was asked
 
 
 def test_demo_writes_its_data_card_next_to_the_adapter(demo_run):
