@@ -1,7 +1,7 @@
 """The recipe against a bare TRL SFTTrainer, side by side: throughput, memory, padding, data preparation, start-up.
 
-    python bench/train_throughput.py             # CPU here (2 cores: about 10 minutes), CUDA when present
-    python bench/train_throughput.py --quick     # every section in miniature (proves the script and its output)
+    python bench/train_throughput.py             # CPU here (2 cores: about 30 minutes), CUDA when present
+    python bench/train_throughput.py --quick     # every section in miniature, ~1 minute (a test runs it)
 
 One run measures, on the same random-init model of realistic proportions (no download), the same data and seed:
 1. training throughput (non-padding tokens per second) and peak memory of the recipe (its real defaults,
@@ -36,6 +36,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from lora_recipes.data import MIN_ROWS_PER_PROCESS_POOL  # noqa: E402
 from lora_recipes.measure import collect, long_chats, measure, random_model, read_events, start  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -402,7 +403,8 @@ def main() -> None:
                              for name in results["trainers"] if name != BASELINE}
         partial.write_text(json.dumps(results, indent=2) + "\n")
         print("3. data preparation", flush=True)
-        results["data_preparation"] = data_preparation(2_000 if args.quick else 100_000, (1, 2),
+        # --quick: the fewest rows for which prepare_data starts worker processes at all
+        results["data_preparation"] = data_preparation(MIN_ROWS_PER_PROCESS_POOL if args.quick else 100_000, (1, 2),
                                                        1 if args.quick else 2, workdir)
         partial.write_text(json.dumps(results, indent=2) + "\n")
         print("4. launch to first optimizer step", flush=True)

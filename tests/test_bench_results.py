@@ -1,13 +1,17 @@
-"""The committed benchmark results (the run the README cites) are complete, consistent, and shown as measured."""
+"""The committed benchmark results (the run the README cites) are complete, consistent, and shown as measured; and
+the benchmark still runs (`--quick`: every section in miniature, same report)."""
 
 import importlib
 import json
 import statistics
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO_ROOT
 
 from bench.train_throughput import BASELINE, PHASES, markdown
+from lora_recipes.data import MIN_ROWS_PER_PROCESS_POOL
 
 RESULTS = REPO_ROOT / "bench" / "results"
 
@@ -17,15 +21,14 @@ def cpu_results():
     return json.loads((RESULTS / "cpu.json").read_text())
 
 
-def test_results_cover_every_section(cpu_results):
-    r = cpu_results
-    assert r["command"] == "python bench/train_throughput.py" and r["machine"]["device"] == "cpu"
+def check_complete(r: dict, rows: int, variants: bool = True) -> None:
     trainers = r["trainers"]
-    assert {BASELINE, "recipe"} <= set(trainers) and any("packing" in name for name in trainers)
+    assert {BASELINE, "recipe"} <= set(trainers) and set(r["ratios"]) == set(trainers) - {BASELINE}
     for t in trainers.values():
-        assert len(t["rounds"]) >= 5 and t["tokens_per_cpu_s"] > 0 and t["peak_memory_bytes"] > 0
-    packed = next(t for name, t in trainers.items() if "packing" in name)
-    assert packed["padding_waste"] == 0 < trainers["recipe"]["padding_waste"]
+        assert t["rounds"] and t["tokens_per_cpu_s"] > 0 and t["peak_memory_bytes"] > 0
+    if variants:
+        packed = next(t for name, t in trainers.items() if "packing" in name)
+        assert packed["padding_waste"] == 0 < trainers["recipe"]["padding_waste"]
     # every source schema of every domain, from a local file and from a Hub-style table with num_proc 1 and 2
     measured = {(d["domain"], d["schema"], d["source"], d["num_proc"]) for d in r["data_preparation"]}
     expected = {(domain, schema.name, source, num_proc)
@@ -33,10 +36,26 @@ def test_results_cover_every_section(cpu_results):
                 for schema in importlib.import_module(f"data.{domain}").SCHEMAS if schema.name != "messages"
                 for source, num_proc in (("local file", None), ("Hub table", 1), ("Hub table", 2))}
     assert measured == expected
-    assert all(d["rows"] == 100_000 and d["kept"] + sum(d["dropped"].values()) == d["rows"]
+    assert all(d["rows"] == rows and d["kept"] + sum(d["dropped"].values()) == d["rows"]
                for d in r["data_preparation"])
     for run in r["launch"]["recipe"]:
         assert [run[phase] for phase, _ in PHASES] == sorted(run[phase] for phase, _ in PHASES)
+
+
+def test_results_cover_every_section(cpu_results):
+    assert cpu_results["command"] == "python bench/train_throughput.py" and cpu_results["machine"]["device"] == "cpu"
+    assert all(len(t["rounds"]) >= 5 for t in cpu_results["trainers"].values())
+    check_complete(cpu_results, rows=100_000)
+
+
+def test_quick_run_writes_the_same_report(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--quick", "--output_dir", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [report] = tmp_path.glob("*-quick.json")
+    results = json.loads(report.read_text())
+    check_complete(results, rows=MIN_ROWS_PER_PROCESS_POOL, variants=False)
+    assert report.with_suffix(".md").read_text() == markdown(results) and not list(tmp_path.glob("*.partial.json"))
 
 
 def test_ratios_follow_from_the_rounds(cpu_results):
