@@ -4,6 +4,7 @@ quantisation x strategy combinations that are refused before anything loads."""
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -233,6 +234,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_torchrun(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    """torchrun with `args`; a run that hangs fails with the Python stack of every thread of every rank (faulthandler
+    prints them on SIGABRT), so that a hang says where it is instead of only that it happened."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**env, "PYTHONFAULTHANDLER": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        for rank in ranks:
+            rank.send_signal(signal.SIGABRT)
+        psutil.wait_procs(ranks, timeout=20)
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s; stacks of its ranks:\n{stderr[-12000:]}\n"
+                    f"stdout:\n{stdout[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 @pytest.fixture(scope="module", params=sorted(QUANTISATION))
 def ddp_and_single(request, tmp_path_factory):
     """The smoke recipe as 2 processes x 4 sequences (torchrun, gloo) and as 1 process x 8: (output_dir, proc) each."""
@@ -240,11 +263,9 @@ def ddp_and_single(request, tmp_path_factory):
     args = [*COMMON, *QUANTISATION[request.param]]
     ddp_dir, single_dir = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("single")
     # torchrun's own entry point: `accelerate launch --cpu --num_processes 2` would silently start ONE process
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "recipes/sft_medical.py", *args, "--output_dir", str(ddp_dir),
-         "--per_device_train_batch_size", "4"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    ddp = run_torchrun(
+        ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         "recipes/sft_medical.py", *args, "--output_dir", str(ddp_dir), "--per_device_train_batch_size", "4"], env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = subprocess.run([sys.executable, "recipes/sft_medical.py", *args, "--output_dir", str(single_dir)],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
