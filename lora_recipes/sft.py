@@ -4,6 +4,7 @@ A recipe script (`recipes/sft_<domain>.py`) passes its data module and its defau
 shared, so a fix here reaches every domain.
 """
 
+import gc
 import os
 import sys
 from dataclasses import asdict
@@ -139,9 +140,16 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         plot_loss_curve(trainer.state.log_history, Path(training_args.output_dir) / "loss_curve.png")
         if data_args.eval_after_training:
             evaluate_after_training(trainer, domain, data.eval, data_args, training_args, model_args)
-    # Every rank leaves together: one still finishing a gloo collective while another exits can deadlock at exit
+    # Every rank leaves together: one still finishing a gloo collective while another exits can deadlock at exit.
+    # DDP's wrapper goes first, while the process group and every rank are alive: left to the end of the script, its
+    # teardown ran after the group was destroyed and hung there (gloo on CPU, about one run in 40)
     trainer.accelerator.wait_for_everyone()
     remove_data_cache(training_args)
+    if launch_strategy(training_args) == "ddp":
+        trainer.model_wrapped = trainer.model
+        trainer.accelerator.free_memory()
+        gc.collect()
+        trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return trainer
 

@@ -4,10 +4,12 @@ quantisation x strategy combinations that are refused before anything loads."""
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 from conftest import REPO_ROOT, log_history
@@ -235,25 +237,35 @@ def free_port() -> int:
 
 
 def run_torchrun(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    """torchrun with `args`; a run that hangs fails with the Python stack of every thread of every rank (faulthandler
-    prints them on SIGABRT), so that a hang says where it is instead of only that it happened."""
+    """`torchrun --nproc_per_node 2 ARGS` on a free port. A run that hangs is stopped with the Python stack of every
+    thread of every rank (faulthandler prints them on SIGABRT) and tried once more, the stacks kept as a warning in
+    the report: gloo on CPU hung at exit about once in 40 runs (DDP's wrapper torn down after the process group;
+    lora_recipes/sft.py now releases it first), and a hang that comes back must say where it is."""
     import psutil
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**env, "PYTHONFAULTHANDLER": "1"}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        ranks = psutil.Process(proc.pid).children(recursive=True)
-        for rank in ranks:
-            rank.send_signal(signal.SIGABRT)
-        psutil.wait_procs(ranks, timeout=20)
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun still running after {timeout} s; stacks of its ranks:\n{stderr[-12000:]}\n"
-                    f"stdout:\n{stdout[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    for attempt in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), *args]
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**env, "PYTHONFAULTHANDLER": "1"}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        except subprocess.TimeoutExpired:
+            ranks = psutil.Process(proc.pid).children(recursive=True)
+            for rank in ranks:
+                rank.send_signal(signal.SIGABRT)
+            psutil.wait_procs(ranks, timeout=20)
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            report = (f"torchrun still running after {timeout} s (attempt {attempt}); stacks of its ranks:\n"
+                      f"{stderr[-12000:]}\nstdout:\n{stdout[-2000:]}")
+            if attempt == 2:
+                pytest.fail(report)
+            warnings.warn(report, stacklevel=2)
+            if "--output_dir" in args:  # the recipe would refuse to overwrite the finished run the hang left behind
+                shutil.rmtree(args[args.index("--output_dir") + 1], ignore_errors=True)
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module", params=sorted(QUANTISATION))
@@ -263,9 +275,8 @@ def ddp_and_single(request, tmp_path_factory):
     args = [*COMMON, *QUANTISATION[request.param]]
     ddp_dir, single_dir = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("single")
     # torchrun's own entry point: `accelerate launch --cpu --num_processes 2` would silently start ONE process
-    ddp = run_torchrun(
-        ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-         "recipes/sft_medical.py", *args, "--output_dir", str(ddp_dir), "--per_device_train_batch_size", "4"], env)
+    ddp = run_torchrun(["recipes/sft_medical.py", *args, "--output_dir", str(ddp_dir),
+                        "--per_device_train_batch_size", "4"], env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = subprocess.run([sys.executable, "recipes/sft_medical.py", *args, "--output_dir", str(single_dir)],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
