@@ -222,7 +222,6 @@ def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdi
             path = synthetic_rows(sample_file, rows, workdir / f"{domain}-{sample_file.stem}.jsonl")
             table = datasets.Dataset.from_json(str(path), cache_dir=str(workdir / "hf-cache"))
             hub_id = f"synthetic/{sample_file.stem}"
-            kept = None
             paths = [("local file", None, str(path))] + [("Hub table", n, hub_id) for n in num_procs]
             for source_kind, num_proc, source in paths:
                 seconds = []
@@ -232,8 +231,9 @@ def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdi
                         prepared = prepare_data([source], module.SCHEMAS, eval_fraction=0.01, num_proc=num_proc)
                         seconds.append(time.perf_counter() - started)
                 report = prepared.sources[0]
-                kept = kept if source_kind != "local file" else report.kept  # the samples hold a few invalid rows
-                if report.kept != kept:
+                if source_kind == "local file":
+                    kept = report.kept  # the samples hold a few invalid rows: every path must drop the same ones
+                elif report.kept != kept:
                     raise RuntimeError(f"{domain}/{schema}: {source_kind} kept {report.kept} rows, the local file "
                                        f"{kept}")
                 results.append({"domain": domain, "schema": schema, "rows": rows, "source": source_kind,
@@ -327,7 +327,7 @@ def markdown(results: dict) -> str:
     rounds = trainers[BASELINE]["rounds"]
     lines = [
         f"`{results['command']}` on {where}"
-        f"{' (trainers single-threaded, see below)' if m['device'] == 'cpu' else ''}; load average "
+        f"{' (trainers single-threaded, see below)' if cpu else ''}; load average "
         f"{m['load_average_at_start']:.1f} at start, {results['load_average_at_end']:.1f} at the end. Model: "
         f"random-init Llama shape {results['model']}. Data: the SYNTHETIC medical samples.",
         "",
@@ -347,7 +347,7 @@ def markdown(results: dict) -> str:
             else "peak resident set over the process after its imports (weights, data and runtime included); "
                  "of which training: its growth during the training steps")
     clock = ("CPU seconds of single-threaded trainers (unlike wall time, they do not grow when other processes "
-             "share the cores)" if m["device"] == "cpu" else "wall-clock seconds")
+             "share the cores)" if cpu else "wall-clock seconds")
     lines += ["", f"Each trainer: {len(rounds)} interleaved rounds of {rounds[0]['steps']} optimizer step(s), after "
               f"warm-up steps; ratio per round in {clock}, median and range over rounds. Peak memory: {peak}.", ""]
     repeats = len(results["data_preparation"][0]["seconds"])

@@ -116,10 +116,6 @@ def numbered_json_lines(path: Path, text: str | None = None) -> list[tuple[int, 
     return rows
 
 
-def _read_json_lines(path: Path, text: str) -> list[dict]:
-    return [row for _, row in numbered_json_lines(path, text)]
-
-
 def _read_json_array(path: Path, text: str) -> list[dict]:
     try:
         rows = json.loads(text)
@@ -181,7 +177,7 @@ def read_file(path: Path) -> list[dict]:
     else:
         text = _decode(path)
         is_array = path.suffix == ".json" and text.lstrip().startswith("[")
-        rows = _read_json_array(path, text) if is_array else _read_json_lines(path, text)
+        rows = _read_json_array(path, text) if is_array else [row for _, row in numbered_json_lines(path, text)]
     if not rows:
         raise RecipeError(f"{path}: the file has no rows")
     return rows
@@ -291,7 +287,7 @@ def _convert_batch(batch: dict, indices: list[int], schema: Schema, source: str,
 # One source, then the mixture
 # ---------------------------------------------------------------------------------------------------------------
 # Worker processes take ~0.5 s to start (bench/results/cpu.md: launch to first step): below this many rows one process
-# converts or tokenizes sooner. At 100k rows two processes convert 1.2-1.6x faster than one
+# converts or tokenizes sooner. At 100k rows two processes convert 1.14-1.53x faster than one, at 10k about as fast
 MIN_ROWS_PER_PROCESS_POOL = 10_000
 
 

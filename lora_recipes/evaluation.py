@@ -29,6 +29,7 @@ from types import ModuleType
 
 from .data import HubUnreachable, load_converted
 from .errors import RecipeError
+from .model import describe_quantization
 
 CONFIDENCE = 0.95
 ARTICLES = {"a", "an", "the"}
@@ -662,8 +663,6 @@ def evaluate_after_training(trainer, domain: ModuleType, held_out, data_args, tr
         print("End-of-training evaluation: nothing to evaluate (no held-out split; " + "; ".join(skipped) + ")")
         return
     results = compare(trainer.model, trainer.processing_class, tasks, args)
-    from .model import describe_quantization
-
     meta = report_meta(args.adapter, model_args.model_name_or_path, describe_quantization(model_args), args, skipped)
     path = write_report(results, Path(training_args.output_dir), meta)
     print(f"Evaluation report (base vs adapter): {path.with_suffix('.md')}")

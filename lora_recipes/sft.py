@@ -79,7 +79,7 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
 
     # SFTTrainer tokenizes with dataset_num_proc processes: only worth starting them for a large dataset
     num_proc = worth_processes(training_args.dataset_num_proc, len(data.train))
-    if num_proc != training_args.dataset_num_proc and training_args.process_index == 0:
+    if num_proc is None and (training_args.dataset_num_proc or 1) > 1 and training_args.process_index == 0:
         print(f"dataset_num_proc {training_args.dataset_num_proc} -> 1 process for {len(data.train):,} rows (worker "
               f"processes pay off from {MIN_ROWS_PER_PROCESS_POOL:,} rows)")
     training_args.dataset_num_proc = num_proc
