@@ -1,8 +1,9 @@
 """Legal sources -> chat messages.
 
 CaseHOLD (`coastalcph/lex_glue:case_hold`) teaches the model to pick the holding a court cited; Law Stack Exchange
-(`ymoslem/Law-StackExchange`) teaches it to answer people's legal questions in prose. The recipe reads the Hub's
-train split only; CaseHOLD's validation and test splits are listed in EVAL_ONLY and refused as training sources.
+(`ymoslem/Law-StackExchange`) teaches it to answer people's legal questions in prose. A training source reads the
+Hub's train split unless it names another; CaseHOLD's validation and test splits are listed in EVAL_ONLY and refused
+as training sources.
 CaseHOLD is plain text; Law Stack Exchange bodies are HTML (`html_to_text`).
 """
 

@@ -135,6 +135,8 @@ class Source:
 def parse_source(text: str) -> Source:
     """A local file or folder when the path exists or cannot be a Hub id (a data-file suffix, not one '/'), else a
     Hub dataset `ID[:CONFIG][@SPLIT]`; a malformed Hub name is a one-line error that shows the forms."""
+    if not text.strip():  # Path("") is the current folder
+        raise RecipeError(f"an empty source name; sources are {SOURCE_FORMS}")
     path = Path(text)
     if path.exists():
         return Source(text, path=path)

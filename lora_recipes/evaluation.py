@@ -170,6 +170,8 @@ def build_tasks(name: str, chats, domain: ModuleType, limit: int | None, **task_
 def parse_hub_source(source: str, domain: ModuleType) -> tuple[str, str, str]:
     """(task name, Hub id[:config], split) for a Hub dataset: the split named, else a standard set's own, else test."""
     parsed = parse_source(source)
+    if parsed.path is not None:  # a local file or folder that is missing: reading it says so
+        return source, source, None
     names = {eval_set.source: eval_set.name for eval_set in eval_sets(domain)}
     split = held_out_split(parsed, {eval_set.source: eval_set.split for eval_set in eval_sets(domain)})
     return names.get(parsed.hub, parsed.hub), parsed.hub, split

@@ -158,3 +158,13 @@ def test_every_hub_source_the_docs_and_configs_show_parses():
     for source in sorted(named):
         parsed = parse_source(source)
         assert parsed.path is None and parsed.repo_id.count("/") == 1, source
+
+
+def test_a_missing_local_file_named_for_evaluation_says_so(hub_calls):
+    from lora_recipes.evaluation import named_tasks
+
+    with pytest.raises(RecipeError, match=r"^missing\.jsonl: no such local file or folder"):
+        named_tasks(["missing.jsonl"], medical, None, [])
+    with pytest.raises(RecipeError, match=r"^an empty source name"):
+        prepare_data([""], medical.SCHEMAS)
+    assert hub_calls == []
