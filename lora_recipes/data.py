@@ -18,6 +18,7 @@ every domain:
 
 import hashlib
 import json
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -30,6 +31,8 @@ from .errors import RecipeError
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 ROLES = ("system", "user", "assistant")
 SOURCE_FORMS = "ID, ID:CONFIG, ID@SPLIT or ID:CONFIG@SPLIT (ID is owner/name), or a local file or folder"
+# A training source's share of the mixture, after its name: `SOURCE weight=W` or `SOURCE fraction=F` (see Source)
+MIXTURE = re.compile(r"(?P<name>.*\S)\s+(?P<kind>weight|fraction)=(?P<value>\S*)")
 # The split an eval source from the Hub reads when it names none and is not one of the domain's standard sets: `test`,
 # as `recipes/evaluate.py` reads it; never `train`, which the recipes train on
 HELD_OUT_SPLIT = "test"
@@ -77,6 +80,7 @@ class SourceReport:
     groups: int = 0  # distinct split groups of a source split by groups (0: split by prompt)
     eval_groups: int = 0
     split_note: str = ""  # why the split differs from the plain hash (a group moved so that each side has one)
+    mixture: str = ""  # the share asked for ('weight 2', 'fraction 0.5'); train + eval then differ from kept
 
 
 @dataclass
@@ -93,6 +97,9 @@ class PreparedData:
                          f"{dropped}")
         lines += [f"{s.source}: {s.truncated} rows longer than max_length are truncated" for s in self.sources
                   if s.truncated]
+        lines += [f"{s.source}: {s.mixture}: {s.kept} kept rows -> {s.train + s.eval}"
+                  + (" (upsampled: rows repeat)" if s.train + s.eval > s.kept else "")
+                  for s in self.sources if s.mixture]
         lines += [f"{s.source}: split by group, {s.eval_groups} of {s.groups} groups in eval"
                   + (f" ({s.split_note})" if s.split_note else "") for s in self.sources if s.groups]
         lines.append(f"total: {sum(s.read for s in self.sources)} read, {len(self.train)} train, "
@@ -106,13 +113,23 @@ class PreparedData:
 @dataclass(frozen=True)
 class Source:
     """A source as named: a local file or folder (`path`), or a Hub dataset (`repo_id`, `config`, `split`; None when
-    not named)."""
+    not named); a training source may carry its share of the mixture, `weight` or `fraction`."""
 
     text: str
     path: Path | None = None
     repo_id: str = ""
     config: str | None = None
     split: str | None = None
+    # weight=W: the sources share their rows in proportion to their weights (every training source has one);
+    # fraction=F: F times this source's rows. Either repeats rows where it asks for more than the source holds
+    weight: float | None = None
+    fraction: float | None = None
+
+    @property
+    def mixture(self) -> str:
+        """'weight W', 'fraction F', or '' (the source as it is)."""
+        return (f"weight {self.weight:g}" if self.weight is not None
+                else f"fraction {self.fraction:g}" if self.fraction is not None else "")
 
     @property
     def hub(self) -> str:
@@ -134,9 +151,23 @@ class Source:
 
 def parse_source(text: str) -> Source:
     """A local file or folder when the path exists or cannot be a Hub id (a data-file suffix, not one '/'), else a
-    Hub dataset `ID[:CONFIG][@SPLIT]`; a malformed Hub name is a one-line error that shows the forms."""
+    Hub dataset `ID[:CONFIG][@SPLIT]`; a malformed Hub name is a one-line error that shows the forms. A trailing
+    ` weight=W` or ` fraction=F` (a number > 0) sets the source's share of the mixture."""
     if not text.strip():  # Path("") is the current folder
         raise RecipeError(f"an empty source name; sources are {SOURCE_FORMS}")
+    mixture = MIXTURE.fullmatch(text.strip())
+    if mixture and not Path(text).exists():
+        try:
+            value = float(mixture["value"])
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise RecipeError(f"{text}: {mixture['kind']} must be a number > 0, got '{mixture['value']}'")
+        return replace(_parse_name(mixture["name"]), **{mixture["kind"]: value})
+    return _parse_name(text)
+
+
+def _parse_name(text: str) -> Source:
     path = Path(text)
     if path.exists():
         return Source(text, path=path)
@@ -166,6 +197,15 @@ def resolve_sources(sources: list[str], eval_sources: list[str] | None = None, e
     train = [parse_source(s).with_split("train") for s in sources]
     held_out = [parse_source(s) for s in eval_sources or []]
     held_out = [s.with_split(held_out_split(s, standard_splits or {})) for s in held_out]
+    weighted = [s.text for s in train if s.weight is not None]
+    if weighted and len(weighted) < len(train):
+        unweighted = ", ".join(s.text for s in train if s.weight is None)
+        raise RecipeError(f"{unweighted}: no weight, while {', '.join(weighted)} has one: weights share the mixture "
+                          "among all training sources, so give each one a weight (or use fraction=F per source)")
+    mixed = [s.text for s in held_out if s.mixture]
+    if mixed:
+        raise RecipeError(f"{', '.join(mixed)}: an eval source takes no weight or fraction (it is read whole); "
+                          "weigh the training sources")
     for source in train:
         for entry in map(parse_source, eval_only):
             if source.hub and source.hub == entry.hub and entry.split in (None, source.split):
@@ -486,6 +526,27 @@ def _eval_sides(examples: list[dict], seed: int, eval_fraction: float, report: S
     return [in_eval[key] for key in keys]
 
 
+def mixture_targets(sources: list[Source], counts: list[int]) -> list[int]:
+    """Rows each training source gives one side of the split, from the `counts` it holds there: with weights, the
+    sources share their rows in proportion to their weights (a source with none on this side takes no share); with
+    fractions, fraction x its rows; else all of them."""
+    if sources and sources[0].weight is not None:  # then every source has one (resolve_sources)
+        total_weight = sum(s.weight for s, n in zip(sources, counts, strict=True) if n)
+        return [round(s.weight / total_weight * sum(counts)) if n else 0
+                for s, n in zip(sources, counts, strict=True)]
+    return [n if s.fraction is None else round(s.fraction * n) for s, n in zip(sources, counts, strict=True)]
+
+
+def resample(examples: list[dict], target: int, seed: int) -> list[dict]:
+    """`target` rows from `examples`: each row target // len(examples) times, then the rest by a seeded hash of the
+    content (a seeded subset, the same whatever the row order)."""
+    if not examples:
+        return []
+    copies, rest = divmod(target, len(examples))
+    ranked = sorted(examples, key=lambda e: _position("mixture\x1f" + content_key(e["messages"]), seed))
+    return examples * copies + ranked[:rest]
+
+
 @dataclass(frozen=True)
 class TokenBudget:
     """How SFTTrainer will cut each row: its chat-template tokens, truncated to `max_length`."""
@@ -539,17 +600,19 @@ def prepare_data(
     row of `sources` trains, except rows that ask an eval question (dropped, counted). With `budget`, rows longer
     than max_length are counted and rows it would leave without an answer are dropped (counted). `eval_only` (a
     domain's EVAL_ONLY) is refused as a training source. A source that keeps no row at all is an error, with the
-    reasons.
+    reasons. A training source's `weight=W` or `fraction=F` (see `Source`) then sets its rows on each side of the
+    split (`mixture_targets`, `resample`, seeded).
     """
     from datasets import Dataset
 
     train_sources, held_out_sources = resolve_sources(sources, eval_sources, eval_only, standard_splits)
     seen: set[str] = set()  # content of every kept row: a repeat is a duplicate
     held_out: set[str] = set()  # prompts of the eval sources: a training row asking one is dropped
-    train_rows, eval_rows, reports = [], [], []
+    split = []  # per training source: its kept rows, and which go to eval
+    eval_rows, reports = [], []
     for is_eval, source in [(True, s) for s in held_out_sources] + [(False, s) for s in train_sources]:
         converted, schema_name = _load_source(source, schemas, max_rows_per_source, num_proc)
-        report = SourceReport(source=str(source), schema=schema_name, read=len(converted))
+        report = SourceReport(source=str(source), schema=schema_name, read=len(converted), mixture=source.mixture)
         drops = Counter()
         kept = []
         for example in converted:
@@ -570,14 +633,12 @@ def prepare_data(
             kept.append(example)
         if budget is not None:
             kept = budget.fit(kept, source.text, report, drops)
-        if is_eval or held_out_sources:
-            sides = [is_eval] * len(kept)
+        if is_eval:
+            eval_rows += kept
+            report.eval = len(kept)
         else:
-            sides = _eval_sides(kept, seed, eval_fraction, report)
-        for example, in_eval in zip(kept, sides, strict=True):
-            (eval_rows if in_eval else train_rows).append({"messages": example["messages"]})
-        report.eval = sum(sides)
-        report.train = len(kept) - report.eval
+            split.append((kept, [False] * len(kept) if held_out_sources
+                          else _eval_sides(kept, seed, eval_fraction, report)))
         report.kept = len(kept)
         report.dropped = dict(drops.most_common())
         reports.append(report)
@@ -586,11 +647,24 @@ def prepare_data(
             raise RecipeError(f"{source.text}: no row left to {'evaluate' if is_eval else 'train'} on "
                               f"(dropped: {reasons})")
 
+    # the mixture, on each side of the split: a copy stays on its original's side, so upsampling never brings a
+    # prompt or group to both
+    train_rows = []
+    for to_eval, rows in ((False, train_rows), (True, eval_rows)):
+        per_source = [[e for e, in_eval in zip(kept, sides, strict=True) if in_eval == to_eval]
+                      for kept, sides in split]
+        targets = mixture_targets(train_sources, [len(side) for side in per_source])
+        for report, side, target in zip(reports[len(held_out_sources):], per_source, targets, strict=True):
+            rows += resample(side, target, seed)
+            if to_eval:
+                report.eval = target
+            else:
+                report.train = target
     if not train_rows:
         raise RecipeError(f"no training rows left from {', '.join(sources)}: all {len(eval_rows)} kept rows fell in "
                           "the eval split; lower eval_fraction or add data")
     return PreparedData(
-        train=Dataset.from_list(train_rows),
-        eval=Dataset.from_list(eval_rows) if eval_rows else None,
+        train=Dataset.from_list([{"messages": e["messages"]} for e in train_rows]),
+        eval=Dataset.from_list([{"messages": e["messages"]} for e in eval_rows]) if eval_rows else None,
         sources=reports,
     )

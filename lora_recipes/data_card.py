@@ -161,6 +161,17 @@ def source_counts(sources) -> tuple[list[dict], dict]:
     return rows, total
 
 
+def mixture_counts(sources) -> list[dict] | None:
+    """Per source, when any has a weight or fraction: rows and share of all rows before the mixture (kept) and after
+    it (train + eval), and how many times a row is used on average (above 1: upsampled, rows repeat)."""
+    if not any(s.mixture for s in sources):
+        return None
+    before, after = sum(s.kept for s in sources), sum(s.train + s.eval for s in sources)
+    return [{"source": s.source, "mixture": s.mixture or "-", "before": s.kept, "after": s.train + s.eval,
+             "share_before": round(s.kept / before, 4), "share_after": round((s.train + s.eval) / after, 4),
+             "uses_per_row": round((s.train + s.eval) / s.kept, 3)} for s in sources]
+
+
 def build_card(data, tokenizer, max_length: int | None, assistant_only_loss: bool = True,
                num_proc: int | None = None, keep_end: bool = False) -> tuple[dict, dict]:
     """The card's numbers for a PreparedData, and the per-example token lengths (for the plot); `keep_end`: the run
@@ -200,6 +211,7 @@ def build_card(data, tokenizer, max_length: int | None, assistant_only_loss: boo
         "assistant_only_loss": assistant_only_loss,
         "sources": sources,
         "total": total,
+        "mixture": mixture_counts(data.sources),
         "token_lengths": lengths,
         "overlap": eval_overlap,
         "warnings": warnings,
@@ -248,8 +260,18 @@ def to_markdown(card: dict) -> str:
                      f"{s['duplicates']} | {s['train']} | {s['eval']} |")
     t = card["total"]
     lines += [f"| **total** | | {t['read']} | {t['kept']} | {dropped(t['dropped'])} | {t['duplicates']} | "
-              f"{t['train']} | {t['eval']} |", "",
-              "## Token lengths", "",
+              f"{t['train']} | {t['eval']} |", ""]
+    if card["mixture"]:
+        lines += ["## Mixture", "",
+                  "Rows per source before the mixture (kept: cleaned and deduplicated) and after it (train + eval), "
+                  "applied on each side of the split, seeded. Above 1 use per row: upsampled, its rows repeat.", "",
+                  "| source | asked | rows before | share before | rows after | share after | uses per row |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {m['source']} | {m['mixture']} | {m['before']} | {m['share_before']:.1%} | {m['after']} | "
+                  f"{m['share_after']:.1%} | {m['uses_per_row']:g}{' (upsampled)' if m['uses_per_row'] > 1 else ''} |"
+                  for m in card["mixture"]]
+        lines.append("")
+    lines += ["## Token lengths", "",
               "| split | examples | min | mean | p50 | p90 | p99 | max | > max_length "
               "| no answer token within max_length |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
