@@ -547,6 +547,38 @@ def resample(examples: list[dict], target: int, seed: int) -> list[dict]:
     return examples * copies + ranked[:rest]
 
 
+def token_lengths(dataset, tokenizer, assistant_only_loss: bool, num_proc: int | None = None,
+                  desc: str = "Measuring token lengths") -> dict[str, list]:
+    """Per example of a dataset of `messages`: `length` (tokens with the chat template), `first_target` and
+    `last_target` (indices of the first and last token in the loss: the assistant tokens with assistant_only_loss,
+    else every token; `length` and -1 when none is). Batched, in worker processes where the rows repay them."""
+
+    def measure(batch):
+        # verbose=False: the tokenizer's warning that long rows cause "indexing errors" is wrong here: they are cut to
+        # max_length, and counted
+        out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=assistant_only_loss,
+                                            tokenizer_kwargs={"verbose": False})
+        masks = out["assistant_masks"] if assistant_only_loss else [[1] * len(ids) for ids in out["input_ids"]]
+        return {"length": [len(ids) for ids in out["input_ids"]],
+                "first_target": [mask.index(1) if 1 in mask else len(mask) for mask in masks],
+                "last_target": [len(mask) - 1 - mask[::-1].index(1) if 1 in mask else -1 for mask in masks]}
+
+    measured = dataset.map(measure, batched=True, batch_size=256, remove_columns=dataset.column_names,
+                           num_proc=worth_processes(num_proc, len(dataset)), desc=desc)
+    return {name: measured[name] for name in ("length", "first_target", "last_target")}
+
+
+def no_target_within(measured: dict[str, list], max_length: int, keep_end: bool) -> list[bool]:
+    """Per example: no loss token among the tokens TRL keeps (the first max_length, or with keep_end the last): TRL
+    drops such a row, nothing is left to learn."""
+    if keep_end:
+        return [last < length - max_length for length, last in zip(measured["length"], measured["last_target"],
+                                                                    strict=True)]
+    return [first >= min(length, max_length) for length, first in zip(measured["length"], measured["first_target"],
+                                                                      strict=True)]
+
+
 @dataclass(frozen=True)
 class TokenBudget:
     """How SFTTrainer will cut each row: its chat-template tokens, truncated to `max_length`."""
@@ -556,30 +588,28 @@ class TokenBudget:
     keep_end: bool = False  # truncation_mode 'keep_end'
     assistant_only_loss: bool = False  # then a row whose answer is cut off entirely has no loss (TRL drops it)
 
-    def fit(self, examples: list[dict], source: str, report: SourceReport, drops: Counter) -> list[dict]:
-        """The rows that still train once cut; counts the truncated ones, drops (counted) those left without answer."""
-        window = slice(-self.max_length, None) if self.keep_end else slice(None, self.max_length)
-        fitting, shortest = [], None
-        for start in range(0, len(examples), 1000):  # bounded memory: token ids live for one chunk only
-            chunk = examples[start:start + 1000]
-            # verbose=False: the tokenizer's warning that long rows cause "indexing errors" is wrong here: they are
-            # cut to max_length, and counted
-            encoded = self.tokenizer.apply_chat_template(
-                [e["messages"] for e in chunk], tokenize=True, return_dict=True,
-                return_assistant_tokens_mask=self.assistant_only_loss, tokenizer_kwargs={"verbose": False},
-            )
-            for i, example in enumerate(chunk):
-                length = len(encoded["input_ids"][i])
-                shortest = length if shortest is None else min(shortest, length)
-                report.truncated += length > self.max_length
-                if self.assistant_only_loss and 1 not in encoded["assistant_masks"][i][window]:
-                    drops["answer cut off by max_length"] += 1
-                else:
-                    fitting.append(example)
-        if shortest is not None and shortest > self.max_length:
+    def fit(self, examples: list[dict], source: str, report: SourceReport, drops: Counter,
+            num_proc: int | None = None) -> list[dict]:
+        """The rows that still train once cut; counts the truncated ones, drops (counted) those left without answer.
+        Measured in batches, in `num_proc` worker processes where the rows repay them (`worth_processes`)."""
+        from datasets import Dataset
+
+        if not examples:
+            return examples
+        chats = Dataset.from_dict({"messages": [e["messages"] for e in examples]})
+        measured = token_lengths(chats, self.tokenizer, self.assistant_only_loss, num_proc,
+                                 desc=f"Measuring {Path(source).name} in tokens")
+        shortest = min(measured["length"])
+        if shortest > self.max_length:
             raise RecipeError(f"{source}: every row is longer than max_length={self.max_length} tokens (the shortest "
                               f"has {shortest}): raise --max_length or shorten the rows")
-        return fitting
+        report.truncated += sum(length > self.max_length for length in measured["length"])
+        if not self.assistant_only_loss:
+            return examples
+        cut_off = no_target_within(measured, self.max_length, self.keep_end)
+        if any(cut_off):
+            drops["answer cut off by max_length"] += sum(cut_off)
+        return [example for example, no_answer in zip(examples, cut_off, strict=True) if not no_answer]
 
 
 def prepare_data(
@@ -632,7 +662,7 @@ def prepare_data(
                 held_out.add(prompt)
             kept.append(example)
         if budget is not None:
-            kept = budget.fit(kept, source.text, report, drops)
+            kept = budget.fit(kept, source.text, report, drops, num_proc)
         if is_eval:
             eval_rows += kept
             report.eval = len(kept)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import normalise, question, worth_processes
+from .data import no_target_within, normalise, question, token_lengths
 from .run_card import redact, write_json
 
 CARD_JSON, CARD_MD, CARD_PLOT = "data_card.json", "data_card.md", "data_card_lengths.png"
@@ -34,38 +34,13 @@ _HASH_B = _rng.integers(0, 2**63, size=NUM_PERM, dtype=np.uint64)
 # ---------------------------------------------------------------------------------------------------------------
 # Token lengths
 # ---------------------------------------------------------------------------------------------------------------
-def token_lengths(dataset, tokenizer, assistant_only_loss: bool, num_proc: int | None = None) -> dict[str, list]:
-    """Per example: `length` (tokens with the chat template), `first_target` and `last_target` (indices of the first
-    and last token in the loss: the assistant tokens with assistant_only_loss, else every token; `length` and -1 when
-    none is)."""
-
-    def measure(batch):
-        out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=assistant_only_loss)
-        masks = out["assistant_masks"] if assistant_only_loss else [[1] * len(ids) for ids in out["input_ids"]]
-        return {"length": [len(ids) for ids in out["input_ids"]],
-                "first_target": [mask.index(1) if 1 in mask else len(mask) for mask in masks],
-                "last_target": [len(mask) - 1 - mask[::-1].index(1) if 1 in mask else -1 for mask in masks]}
-
-    measured = dataset.map(measure, batched=True, batch_size=256, remove_columns=dataset.column_names,
-                           num_proc=worth_processes(num_proc, len(dataset)),
-                           desc="Measuring token lengths")
-    return {name: measured[name] for name in ("length", "first_target", "last_target")}
-
-
 def length_stats(measured: dict[str, list], max_length: int | None, keep_end: bool = False) -> dict:
     lengths = np.array(measured["length"])
     if lengths.size == 0:
         return {"examples": 0}
     longer = int((lengths > max_length).sum()) if max_length else 0
-    no_target = 0
-    if max_length:
-        # what TRL keeps is the first max_length tokens, or with truncation_mode keep_end the last ones: a row with no
-        # loss token in that window leaves nothing to learn, and TRL drops it
-        if keep_end:
-            no_target = int((np.array(measured["last_target"]) < lengths - max_length).sum())
-        else:
-            no_target = int((np.array(measured["first_target"]) >= np.minimum(lengths, max_length)).sum())
+    # a row with no loss token among the tokens TRL keeps leaves nothing to learn, and TRL drops it
+    no_target = sum(no_target_within(measured, max_length, keep_end)) if max_length else 0
     return {
         "examples": int(lengths.size),
         "min": int(lengths.min()),
