@@ -24,6 +24,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import chain, islice
 from pathlib import Path
 
 from .errors import RecipeError
@@ -230,21 +231,32 @@ def _decode(path: Path) -> str:
                           "as UTF-8)") from None
 
 
-def numbered_json_lines(path: Path, text: str | None = None) -> list[tuple[int, dict]]:
+def iter_json_lines(path: Path):
+    """(line number, object) for each non-blank line of a JSON-lines file, read one line at a time (memory: one line,
+    whatever the file's size); a bad line is a one-line error naming it."""
+    with path.open("rb") as f:
+        offset = 0
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise RecipeError(f"{path}: line {number}: bytes that are not UTF-8 at offset {offset + e.start} "
+                                  "(re-encode the file as UTF-8)") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise RecipeError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+            yield number, row
+
+
+def numbered_json_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON-lines file; a bad line is a one-line error naming it."""
-    text = _decode(path) if text is None else text
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise RecipeError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((number, row))
-    return rows
+    return list(iter_json_lines(path))
 
 
 def _read_json_array(path: Path, text: str) -> list[dict]:
@@ -299,16 +311,31 @@ def _read_labelled_lines(path: Path) -> list[dict]:
     return rows
 
 
+def _starts_with(path: Path, char: str) -> bool:
+    """Whether the first non-blank character of a text file is `char` (a .json file holding one array)."""
+    with path.open("rb") as f:
+        while chunk := f.read(4096):
+            text = chunk.decode("utf-8-sig", errors="replace").lstrip()
+            if text:
+                return text.startswith(char)
+    return False
+
+
+def iter_file(path: Path):
+    """Rows of one local file, with errors that name the file and the line; JSON lines are read one line at a time."""
+    if path.suffix in (".csv", ".parquet"):
+        yield from _read_table(path)
+    elif path.suffix == ".txt":
+        yield from _read_labelled_lines(path)
+    elif path.suffix == ".json" and _starts_with(path, "["):
+        yield from _read_json_array(path, _decode(path))
+    else:
+        yield from (row for _, row in iter_json_lines(path))
+
+
 def read_file(path: Path) -> list[dict]:
     """Rows of one local file, with errors that name the file and the line."""
-    if path.suffix in (".csv", ".parquet"):
-        rows = _read_table(path)
-    elif path.suffix == ".txt":
-        rows = _read_labelled_lines(path)
-    else:
-        text = _decode(path)
-        is_array = path.suffix == ".json" and text.lstrip().startswith("[")
-        rows = _read_json_array(path, text) if is_array else [row for _, row in numbered_json_lines(path, text)]
+    rows = list(iter_file(path))
     if not rows:
         raise RecipeError(f"{path}: the file has no rows")
     return rows
@@ -405,6 +432,12 @@ def prompt_key(messages: list[dict]) -> str:
     return normalise(question(messages))
 
 
+def digest(text: str) -> bytes:
+    """16 bytes standing for `text` in the deduplication sets (128 bits: among a billion rows the odds of any two
+    texts colliding are about 1 in 10**21)."""
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
 def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int) -> dict:
     try:
         validate_row(row, schema)
@@ -461,12 +494,15 @@ def _load_source(source: Source, schemas: list[Schema], max_rows: int | None, nu
             raise RecipeError(f"{source.text}: no such local file or folder (and not a Hub dataset id 'owner/name')")
         converted, schema_names = [], set()
         for file in local_files(path):
-            rows = read_file(file)[:max_rows]
-            schema = detect_schema(rows[0].keys(), schemas, str(file))
-            # converted before Arrow sees the rows: a wrong-typed value, nested ones included, names its row instead of
-            # breaking the table, and the columns no converter reads may hold anything. The progress bar closes on an
-            # error too, so the error starts a line of its own
-            with tqdm(enumerate(rows), total=len(rows), desc=f"Converting {file.name}", unit=" examples") as progress:
+            rows = islice(iter_file(file), max_rows)
+            first = next(rows, None)
+            if first is None:
+                raise RecipeError(f"{file}: the file has no rows")
+            schema = detect_schema(first.keys(), schemas, str(file))
+            # converted as they are read, before Arrow sees them: only the converted rows are kept, and a wrong-typed
+            # value, nested ones included, names its row instead of breaking the table, and the columns no converter
+            # reads may hold anything. The progress bar closes on an error too, so the error starts a line of its own
+            with tqdm(enumerate(chain([first], rows)), desc=f"Converting {file.name}", unit=" examples") as progress:
                 examples = [_convert(row, i, schema, str(file), 1) for i, row in progress]
             converted.append(Dataset.from_list(examples, features=_converted_features()))
             schema_names.add(schema.name)
@@ -636,8 +672,9 @@ def prepare_data(
     from datasets import Dataset
 
     train_sources, held_out_sources = resolve_sources(sources, eval_sources, eval_only, standard_splits)
-    seen: set[str] = set()  # content of every kept row: a repeat is a duplicate
-    held_out: set[str] = set()  # prompts of the eval sources: a training row asking one is dropped
+    # fixed-size digests, not the texts: memory per row stays 16 bytes whatever the length of its conversation
+    seen: set[bytes] = set()  # content of every kept row: a repeat is a duplicate
+    held_out: set[bytes] = set()  # prompts of the eval sources: a training row asking one is dropped
     split = []  # per training source: its kept rows, and which go to eval
     eval_rows, reports = [], []
     for is_eval, source in [(True, s) for s in held_out_sources] + [(False, s) for s in train_sources]:
@@ -650,16 +687,16 @@ def prepare_data(
                 drops[example["drop_reason"]] += 1
                 continue
             prompt = prompt_key(example["messages"])
-            if not is_eval and prompt and prompt in held_out:
+            if not is_eval and prompt and digest(prompt) in held_out:
                 drops["in the eval set"] += 1
                 continue
-            key = content_key(example["messages"])
+            key = digest(content_key(example["messages"]))
             if key in seen:
                 drops["duplicate"] += 1
                 continue
             seen.add(key)
             if is_eval:
-                held_out.add(prompt)
+                held_out.add(digest(prompt))
             kept.append(example)
         if budget is not None:
             kept = budget.fit(kept, source.text, report, drops, num_proc)
