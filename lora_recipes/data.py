@@ -32,6 +32,7 @@ from .errors import RecipeError
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 ROLES = ("system", "user", "assistant")
 SOURCE_FORMS = "ID, ID:CONFIG, ID@SPLIT or ID:CONFIG@SPLIT (ID is owner/name), or a local file or folder"
+PARQUET_BATCH_ROWS = 10_000  # rows of a .parquet file converted at a time
 # A training source's share of the mixture, after its name: `SOURCE weight=W` or `SOURCE fraction=F` (see Source)
 MIXTURE = re.compile(r"(?P<name>.*\S)\s+(?P<kind>weight|fraction)=(?P<value>\S*)")
 # The split an eval source from the Hub reads when it names none and is not one of the domain's standard sets: `test`,
@@ -271,22 +272,25 @@ def _read_json_array(path: Path, text: str) -> list[dict]:
     return rows
 
 
-def _read_table(path: Path) -> list[dict]:
+def _read_table(path: Path):
+    """Rows of a .csv file (read whole: column types are inferred over the file), or of a .parquet file one record
+    batch at a time (memory: one batch of rows)."""
     import pyarrow as pa
 
     try:
         if path.suffix == ".csv":
             import pyarrow.csv as pacsv
 
-            table = pacsv.read_csv(path)
+            batches = pacsv.read_csv(path).to_batches()
         else:
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        for batch in batches:
+            yield from batch.to_pylist()
     except (pa.ArrowInvalid, OSError) as e:
         problem = str(e).strip().splitlines()[0]
         raise RecipeError(f"{path}: not a readable {path.suffix[1:]} file ({problem})") from None
-    return table.to_pylist()
 
 
 def _read_labelled_lines(path: Path) -> list[dict]:
