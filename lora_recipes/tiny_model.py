@@ -102,7 +102,8 @@ def _save_model(tokenizer, output_dir: Path, model_type: str = "llama", **config
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, EMBEDDING_STD)
     model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=64
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_new_tokens=64,
     )
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir, safe_serialization=True)

@@ -1,6 +1,7 @@
 """Every tokenizer family of the shipped model configs, with its published chat template, trains as it should: the
-loss covers exactly each assistant turn and its end-of-turn token, the system prompt reaches the model, and a
-template that cannot be split into turns is refused in one line."""
+end-of-turn token is found, the system prompt reaches the model, a template that cannot be split into turns is
+refused in one line, and the recipe trains and saves the template that chat and evaluation use. The assistant mask
+of every family is tested in tests/test_assistant_mask.py."""
 
 import pytest
 from conftest import REPO_ROOT
@@ -21,8 +22,6 @@ CHATS = [
      {"role": "user", "content": "Second question, a longer one this time?"},
      {"role": "assistant", "content": "Second answer."}],
 ]
-# Phi-3's template writes EOS after the conversation's last turn, and TRL's training variant trains it
-EOS_AFTER_LAST_TURN = {"phi3"}
 # Families whose template has no system role (Gemma) or writes it only before the last user turn (Mistral v0.3)
 FOLDS_SYSTEM = {"gemma2", "mistral"}
 families = pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -32,37 +31,6 @@ def family_tokenizer(path, tmp_path, *overrides):
     _, training_args, model_args = parse_args(SMOKE, ["--model_name_or_path", str(path), "--output_dir",
                                                       str(tmp_path), *overrides])
     return load_tokenizer(model_args, training_args)
-
-
-def masked_runs(ids: list[int], mask: list[int]) -> list[list[int]]:
-    """The token ids of each contiguous masked span."""
-    runs, previous = [], 0
-    for token_id, keep in zip(ids, mask, strict=True):
-        if keep:
-            if not previous:
-                runs.append([])
-            runs[-1].append(token_id)
-        previous = keep
-    return runs
-
-
-@families
-def test_mask_is_each_assistant_turn_and_its_end_of_turn_token(family, family_models, tmp_path):
-    tokenizer = family_tokenizer(family_models[family], tmp_path)
-    eot = tokenizer.convert_tokens_to_ids(FAMILIES[family].end_of_turn)
-    for chat in CHATS:
-        out = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        runs = masked_runs(out["input_ids"], out["assistant_masks"])
-        answers = [m["content"] for m in chat if m["role"] == "assistant"]
-        assert len(runs) == len(answers)
-        for number, (run, answer) in enumerate(zip(runs, answers, strict=True), 1):
-            kept = [i for i in run if tokenizer.decode([i]).strip()]  # a blank around the turn may count or not
-            tail = [eot, tokenizer.eos_token_id] if family in EOS_AFTER_LAST_TURN and number == len(runs) else [eot]
-            assert kept[-len(tail):] == tail
-            assert tokenizer.decode(kept[:-len(tail)]).strip() == answer
-        ids, mask = out["input_ids"], out["assistant_masks"]
-        unmasked = tokenizer.decode([i for i, keep in zip(ids, mask, strict=True) if not keep])
-        assert SYSTEM in unmasked and "First answer" not in unmasked and "Joint aspiration" not in unmasked
 
 
 @families
@@ -127,3 +95,27 @@ def test_template_that_rewrites_earlier_turns_is_refused_in_one_line(family_mode
                                           r"prefixes.*\): pass --chat_template_path") as error:
         family_tokenizer(family_models["qwen2"], tmp_path, "--chat_template_path", str(template))
     assert "\n" not in str(error.value)
+
+
+@families
+def test_recipe_trains_each_family_and_saves_the_template_chat_and_evaluation_use(family, family_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from data import medical
+    from lora_recipes.sft import main
+
+    output_dir = tmp_path / "adapter"
+    # plain LoRA, short rows, 2 steps: the point is the tokenizer and template on the real recipe path
+    trainer = main(medical, *parse_args(SMOKE, [
+        "--model_name_or_path", str(family_models[family]), "--output_dir", str(output_dir),
+        "--dataset_name", "data/samples/medical/medqa.jsonl", "--max_steps", "2", "--per_device_train_batch_size",
+        "2", "--max_length", "256", "--load_in_4bit", "false", "--activation_checkpointing", "false",
+        "--eval_strategy", "no", "--save_strategy", "no", "--eval_after_training", "false"]))
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # PEFT starts B at zero: non-zero means trained
+    saved = AutoTokenizer.from_pretrained(output_dir)
+    assert saved.chat_template == trainer.processing_class.chat_template
+    assert end_of_turn_token(saved) == FAMILIES[family].end_of_turn
+    prompt = saved.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Q?"}],
+                                       tokenize=False, add_generation_prompt=True)
+    assert prompt.count(SYSTEM) == 1
