@@ -19,11 +19,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .templates import CHAT_TEMPLATES, CHATML_TEMPLATE
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = REPO_ROOT / "data" / "samples"
 TINY_MODEL_DIR = REPO_ROOT / "data" / "tiny-llama"
-CHATML_TEMPLATE = Path(__file__).resolve().parent / "chat_templates" / "chatml.jinja"
-FAMILY_TEMPLATES = CHATML_TEMPLATE.parent / "families"
+FAMILY_TEMPLATES = CHAT_TEMPLATES / "families"
 
 PAD, IM_START, IM_END = "<|pad|>", "<|im_start|>", "<|im_end|>"
 VOCAB_SIZE = 1024  # small enough for a few hundred KB, large enough that samples are ~4 bytes per token
