@@ -112,7 +112,7 @@ def training_chat_template(tokenizer, name: str, assistant_only_loss: bool,
             marked = chatml = chatml_template(tokenizer, template)
         if chatml is not None:
             default = "the model's default system prompt kept" if chatml != CHATML_TEMPLATE.read_text(
-                encoding="utf-8") else "no default system prompt, as the model's"
+                encoding="utf-8") else "the model writes no default system prompt either"
             notes.append(f"the chat template of '{name}' is ChatML without {{% generation %}} markers: training with "
                          f"lora_recipes/chat_templates/chatml.jinja ({default})")
         elif marked is None:
@@ -149,12 +149,11 @@ def check_assistant_mask(tokenizer, template: str, name: str) -> None:
         try:
             ids, mask = assistant_mask(tokenizer, chat, template)
         except TemplateError as e:
-            raise RecipeError(f"the chat template of '{name}' has no {{% generation %}} markers, TRL has no training "
-                              f"variant of it, and it cannot be split into turns ({e}): {FIX}") from None
+            raise RecipeError(f"the chat template of '{name}' cannot be split into turns ({e}): {FIX}") from None
         turn = tokenizer.decode([i for i, keep in zip(ids, mask, strict=True) if keep])
         if ANSWER not in turn or USER in turn:
-            raise RecipeError(f"the chat template of '{name}' has no {{% generation %}} markers that cover exactly "
-                              f"the assistant turns (masked: {turn[:80]!r}): {FIX}")
+            raise RecipeError(f"the assistant mask of the chat template of '{name}' is not exactly the assistant "
+                              f"turns (masked: {turn[:80]!r}): {FIX}")
     if not is_chat_template_stop_token_trained(tokenizer, template):
         raise RecipeError(f"the chat template of '{name}' leaves the end-of-turn token out of the assistant mask "
                           f"(no special token ends an assistant turn), so the model would never learn to stop: {FIX}")
