@@ -72,6 +72,14 @@ def test_gemma2_fold_renders_as_the_published_template_would_a_folded_chat(famil
                     == published.apply_chat_template(prefix, add_generation_prompt=len(prefix) == 1))
 
 
+def test_mistral_published_template_drops_the_system_prompt_from_a_chat_that_ends_with_an_answer(family_models):
+    from transformers import AutoTokenizer
+
+    published = AutoTokenizer.from_pretrained(family_models["mistral"])
+    assert SYSTEM in published.apply_chat_template(CHATS[0][:2], tokenize=False, add_generation_prompt=True)
+    assert SYSTEM not in published.apply_chat_template(CHATS[0], tokenize=False)  # what training would have seen
+
+
 def test_chatml_without_markers_trains_with_the_bundled_template_and_its_default_system_prompt(family_models,
                                                                                                 tmp_path, capsys):
     from transformers import AutoTokenizer
