@@ -40,8 +40,8 @@ def load_tokenizer(model_args, training_args):
         raise RecipeError(f"tokenizer '{name}' has no chat template: use an instruct model, or pass "
                           "--chat_template_path FILE.jinja (lora_recipes/chat_templates/chatml.jinja is an example)")
     tokenizer.chat_template, notes = training_chat_template(tokenizer, name, training_args.assistant_only_loss)
-    for note in notes if training_args.process_index == 0 else []:
-        print(f"note: {note}")
+    if training_args.process_index == 0:
+        print("".join(f"note: {note}\n" for note in notes), end="")
 
     # A pad token distinct from EOS and from the end-of-turn token keeps padding and stopping apart in logs,
     # generation and masks (a template trained on whole sequences need not have turns to end)
