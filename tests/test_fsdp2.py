@@ -167,8 +167,7 @@ def fsdp_and_single(tmp_path_factory):
         out, record = tmp_path_factory.mktemp(name), tmp_path_factory.mktemp(f"{name}-record")
         env = fsdp_env(record)
         if name == "fsdp":
-            proc = run_torchrun([WORKER, *COMMON, "--per_device_train_batch_size", "4", "--output_dir", str(out)],
-                                env, timeout=240)
+            proc = run_torchrun([WORKER, *COMMON, "--per_device_train_batch_size", "4", "--output_dir", str(out)], env)
         else:
             env = {k: v for k, v in env.items() if not k.startswith(("ACCELERATE_USE_FSDP", "FSDP_"))}
             proc = subprocess.run([sys.executable, WORKER, *COMMON, "--per_device_train_batch_size", "8",
@@ -281,3 +280,25 @@ def test_planned_fsdp_shard_is_the_measured_shard(fsdp_and_single):
         record = held(fsdp_and_single["fsdp"][1], rank)
         assert planned.parts["weights"] - constants == record["4bit"] + record["frozen"]
         assert planned.parts["adapter"] == record["lora"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed without a GPU: deepspeed 0.19.8 installs on CPU (no compiled ops at install), but its CPU communication
+# backend JIT-compiles a C++ shared-memory op at the first `deepspeed.initialize` (minutes and over 1 GiB of compiler
+# memory on the CI machine), and accelerate enables DeepSpeed for accelerators only. What runs here: the plugin
+# accelerate builds from each config, against what the recipe and the memory planner read from the same launch.
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, stage", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
+def test_deepspeed_plugin_from_each_config_is_what_the_recipe_plans_for(name, stage, monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+
+    from lora_recipes.config import parse_args
+    from lora_recipes.distributed import launch_strategy
+
+    _, training_args, _ = parse_args(SMOKE, ["--use_cpu", "false"])
+    for key, value in accelerate_launch_env(CONFIGS / name).items():
+        monkeypatch.setenv(key, value)
+    zero = DeepSpeedPlugin().deepspeed_config["zero_optimization"]
+    assert zero["stage"] == stage and launch_strategy(training_args) == f"zero{stage}"
+    assert zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "none"  # the planner's case
+    assert zero.get("stage3_gather_16bit_weights_on_model_save", False) == (stage == 3)
