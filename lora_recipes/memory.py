@@ -58,12 +58,13 @@ CUDA_ALLOCATOR_SLACK = 0.05  # caching allocator: reserved exceeds allocated by 
 CPU_RUNTIME = 0.8 * GiB
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # how several processes split the model (lora_recipes/distributed.py launch_strategy names them)
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+STRATEGIES = ("ddp", "fsdp", "zero0", "zero1", "zero2", "zero3")
 SHARDED_WEIGHTS = ("fsdp", "zero3")
 SHARDED_GRADIENTS = ("fsdp", "zero2", "zero3")
 SHARDED_OPTIMIZER = ("fsdp", "zero1", "zero2", "zero3")
-STRATEGY_WORDS = {"ddp": "DDP: everything on every device", "fsdp": "FSDP full shard", "zero1": "ZeRO-1",
-                  "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
+STRATEGY_WORDS = {"ddp": "DDP: everything on every device", "fsdp": "FSDP full shard",
+                  "zero0": "ZeRO-0: everything on every device", "zero1": "ZeRO-1", "zero2": "ZeRO-2",
+                  "zero3": "ZeRO-3"}
 NAME_NOISE = {"meta", "instruct", "it", "chat", "hf"}
 
 
@@ -368,7 +369,7 @@ def shard_parts(p: Plan, constants: float) -> None:
     strategy = setup.strategy
     if strategy not in STRATEGIES:
         raise RecipeError(f"strategy '{strategy}': expected one of {', '.join(STRATEGIES)}")
-    if strategy == "ddp":  # DDP keeps a bucketed copy of the gradients for the all-reduce
+    if strategy in ("ddp", "zero0"):  # data parallel keeps a bucketed copy of the gradients for the all-reduce
         p.parts["gradients"] *= 2
         return
     if strategy in SHARDED_WEIGHTS:
@@ -536,7 +537,7 @@ def describe(plan_on: Plan, plan_off: Plan, budget: float | None = None) -> str:
                 lines.append(f"{budget / GiB:.0f} GiB, {label}: per_device_train_batch_size {fit[0]} x "
                              f"gradient_accumulation_steps {fit[1]} keeps {per_step} sequences per device per step "
                              f"(global batch {per_step * s.world_size})")
-    if s.world_size > 1 and s.strategy != "ddp":
+    if s.world_size > 1 and s.strategy not in ("ddp", "zero0"):
         lines.append(f"Not modelled ({s.strategy}): communication buffers ("
                      + ("all-gather / reduce-scatter" if s.strategy == "fsdp" else "DeepSpeed's bucket sizes and "
                         "stage3_max_live_parameters, from its JSON") + ") and CPU offloading")

@@ -44,7 +44,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient_accumulation_steps", type=int, default=defaults.gradient_accumulation_steps)
     p.add_argument("--num_processes", type=int, default=defaults.world_size)
     p.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy,
-                   help="how the processes split the model: ddp (multi_gpu.yaml), fsdp (fsdp_qlora.yaml), zero1/2/3 "
+                   help="how the processes split the model: ddp (multi_gpu.yaml), fsdp (fsdp_qlora.yaml), zero0-3 "
                         "(deepspeed_zero*.yaml)")
     p.add_argument("--activation_checkpointing", type=flag, default=defaults.activation_checkpointing)
     p.add_argument("--optim", default=defaults.optim)

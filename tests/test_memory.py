@@ -179,6 +179,22 @@ def test_plan_memory_cli_advises_sharding_and_plans_it():
     assert "Not modelled (fsdp): communication buffers" in fsdp.stdout
 
 
+@pytest.mark.parametrize("config_name, strategy", [("multi_gpu.yaml", "ddp"), ("fsdp_qlora.yaml", "fsdp"),
+                                                   ("deepspeed_zero3.yaml", "zero3")])
+def test_recipe_plan_takes_the_strategy_from_its_launch(config_name, strategy, monkeypatch):
+    from test_distributed import CONFIGS, launch_env
+
+    from lora_recipes.config import parse_args
+    from lora_recipes.memory import setup_from_args
+
+    _, training_args, model_args = parse_args(SMOKE, ["--use_cpu", "false", "--bnb_4bit_quant_storage", "bfloat16"])
+    for key, value in launch_env(CONFIGS / config_name).items():  # 8 processes of that launch
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(type(training_args), "world_size", property(lambda _: 8))
+    setup = setup_from_args(training_args, model_args)
+    assert (setup.world_size, setup.strategy) == (8, strategy)
+
+
 def test_recipe_dry_run_plans_and_exits_before_loading(tmp_path):
     proc = subprocess.run([sys.executable, "recipes/sft_medical.py", "--dry_run", "true", "--use_cpu", "true",
                            "--output_dir", str(tmp_path / "out")],
