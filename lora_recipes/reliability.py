@@ -115,24 +115,47 @@ def resume_point(data_args, training_args, model_args) -> str | None:
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
-    """Stop at the first step whose loss is NaN or infinite, before its update reaches the weights.
+    """Stop once the loss is NaN or infinite, before a non-finite update reaches the weights.
 
-    TRL's fused loss does not reach callbacks, and the Trainer hides a NaN loss from its logs by default
-    (`logging_nan_inf_filter`). A non-finite loss always makes the gradients non-finite, and after DDP's all-reduce
+    The loss reaches no callback (TRL computes it outside the model, and the Trainer hides a NaN loss from its logs,
+    `logging_nan_inf_filter`); its gradients do, and a non-finite loss makes them non-finite. After DDP's all-reduce
     every rank sees the same gradients, so every rank stops at the same step.
+    - bf16 / fp32: non-finite gradients stop the run before the optimizer step.
+    - fp16: non-finite gradients are also the loss scaler's ordinary overflow: the GradScaler skips that update and
+      halves its scale, and a finite loss fits again a few halvings later. The run stops when an update is skipped at
+      loss scale 1 or below, where nothing is amplified any more, so the loss or its gradients are non-finite by
+      themselves (DeepSpeed's fp16 optimizer gives up at the same point, its min_loss_scale 1). From the initial
+      scale 2**16 that is 17 skipped steps in a row, and skipped steps leave the weights as they were.
     """
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def __init__(self):
+        self.skipped = 0  # fp16: updates the loss scaler skipped in a row
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if optimizer.scaler is not None:
+            return  # the scaler checks these gradients itself and skips the update: see on_step_end
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
             return
-        last = last_checkpoint(args.output_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-        raise RecipeError(
-            f"step {state.global_step + 1}: the training loss is NaN or infinite; training stopped before this update "
-            f"and {kept}. Lower learning_rate (now {args.learning_rate:g}) and rerun with --overwrite_output_dir true "
-            "(resuming would restore the old learning rate)"
-        )
+        raise RecipeError(non_finite_loss_message(args, state.global_step + 1, ""))
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer.scaler is None:
+            return
+        self.skipped = self.skipped + 1 if optimizer.step_was_skipped else 0
+        scale = optimizer.scaler.get_scale()
+        if self.skipped and scale < 1:
+            raise RecipeError(non_finite_loss_message(
+                args, state.global_step, f" (the fp16 loss scaler skipped the last {self.skipped} updates, down to "
+                                         f"loss scale {scale:g})"))
+
+
+def non_finite_loss_message(args, step: int, detail: str) -> str:
+    last = last_checkpoint(args.output_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+    return (f"step {step}: the training loss is NaN or infinite{detail}; training stopped before this update and "
+            f"{kept}. Lower learning_rate (now {args.learning_rate:g}) and rerun with --overwrite_output_dir true "
+            "(resuming would restore the old learning rate)")
 
 
 class KeepAdapterDtypesOnResume(TrainerCallback):
