@@ -158,27 +158,31 @@ def non_finite_loss_message(args, step: int, detail: str) -> str:
             "(resuming would restore the old learning rate)")
 
 
-class KeepAdapterDtypesOnResume(TrainerCallback):
-    """A resumed run trains the adapter in the dtypes the run started with.
+def keep_adapter_dtypes_on_resume(trainer) -> None:
+    """A resumed run trains the adapter in the dtypes the run started with, and every rank trains the same adapter.
 
-    TRL trains QLoRA adapters in bf16, but the Trainer reloads a checkpoint's adapter with PEFT's `load_adapter`,
-    which upcasts it (and so the optimizer state loaded after it) to fp32: without this, the run after a restart would
-    train in another precision than the run before it, and its losses would drift from an uninterrupted run's.
+    TRL trains QLoRA adapters in bf16, but the Trainer reloads a checkpoint's adapter with PEFT's `load_adapter`, which
+    replaces it with fp32 copies: the run after a restart would train in another precision than the run before it.
+    The dtypes are put back inside the Trainer's checkpoint-loading step. For one process and DDP that step runs in
+    `train()` before the optimizer exists and before `accelerator.prepare` wraps the model, so DDP registers the
+    restored parameters, and the optimizer state loaded later takes their dtypes (torch casts it on load). Casting
+    after the wrap instead (a callback's on_train_begin) silently stops DDP's gradient all-reduce for every cast
+    parameter: each rank trains its own adapter, and rank 0 saves one that saw 1/N of the data.
+    FSDP loads after the wrap (the Trainer passes the wrapped model) and DeepSpeed loads in its engine; both read
+    their own checkpoint format into the existing parameters, so no dtype changes and nothing is touched there.
     """
+    load = trainer._load_from_checkpoint
 
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    def load_in_the_same_dtypes(resume_from_checkpoint, model=None):
+        if model is not None:  # after the wrap (FSDP): wrapped parameters are never cast
+            return load(resume_from_checkpoint, model)
+        dtypes = {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
+        load(resume_from_checkpoint)
+        for name, param in trainer.model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        for name, param in model.named_parameters():
-            dtype = self.dtypes.get(name)
-            if dtype is None or param.dtype == dtype:
-                continue
-            param.data = param.data.to(dtype)
-            moments = optimizer.state.get(param, {})
-            for key, value in moments.items():
-                if torch.is_tensor(value) and value.is_floating_point() and value.shape == param.shape:
-                    moments[key] = value.to(dtype)
+    trainer._load_from_checkpoint = load_in_the_same_dtypes
 
 
 @contextmanager
