@@ -182,6 +182,8 @@ def keep_adapter_dtypes_on_resume(trainer) -> None:
             if name in dtypes and param.dtype != dtypes[name]:
                 param.data = param.data.to(dtypes[name])
 
+    # the Trainer offers no callback between this load and the wrap: its loading step itself is wrapped (pinned stack;
+    # tests/test_distributed.py resumes a killed 2-process run and would see the ranks drift apart again)
     trainer._load_from_checkpoint = load_in_the_same_dtypes
 
 
