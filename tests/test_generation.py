@@ -13,7 +13,8 @@ from conftest import TINY_MODEL
 from data import medical
 from lora_recipes.config import parse_args
 from lora_recipes.evaluation import greedy_generations
-from lora_recipes.inference import ChatModel, GenerationArguments, conversation, plain_chat_template
+from lora_recipes.inference import ChatModel, GenerationArguments, conversation, plain_chat_template, read_adapter
+from lora_recipes.model_card import render
 from lora_recipes.sft import main as train
 from lora_recipes.tiny_model import CHATML_TEMPLATE
 from recipes import chat, merge
@@ -131,7 +132,7 @@ def test_merged_model_stops_at_the_end_of_turn_token_of_the_template(chatml_merg
     assert output[0, len(prompt):].tolist() == answer_ids
 
 
-def render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool) -> str:
+def rendered_text(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool) -> str:
     """The rendered text, or the error the template raises (e.g. Gemma's for a system turn)."""
     from jinja2 import TemplateError
 
@@ -140,6 +141,34 @@ def render(tokenizer, messages: list[dict], template: str, add_generation_prompt
                                              add_generation_prompt=add_generation_prompt)
     except TemplateError as e:
         return f"{type(e).__name__}: {e}"
+
+
+def test_chat_with_the_merged_model_stops_at_the_end_of_turn_token(chatml_merged):
+    _, merged = chatml_merged
+    chat_model = ChatModel.load([], str(merged))
+    end_of_turn = chat_model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    script = [first_token(chat_model.tokenizer, "Vitamin"), end_of_turn, first_token(chat_model.tokenizer, " more")]
+    Scripted(chat_model.model, script)
+    (answer,) = chat_model.generate([conversation(QUESTION, None)], GREEDY)
+    assert answer.token_ids == script[:2] and answer.finish_reason == "eos"
+
+
+def test_model_card_code_stops_at_the_end_of_turn_token(chatml_merged, monkeypatch):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    adapter, _ = chatml_merged
+    code = render(read_adapter(adapter), kind="adapter", name=str(adapter)).split("```python\n")[1].split("```")[0]
+    calls = []
+    original = LlamaForCausalLM.generate
+
+    def recording(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", recording)
+    exec(code, {})  # the card's snippet as a user runs it (base and adapter are local folders here)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    assert calls[0]["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>") != tokenizer.eos_token_id
 
 
 @pytest.mark.parametrize("template", [CHATML_TEMPLATE, *sorted(t for t in TRL_TEMPLATES.glob("*_training.jinja")
@@ -158,7 +187,7 @@ def test_plain_template_renders_as_the_training_template(template):
         ([{"role": "user", "content": "  Hi?"}, {"role": "assistant", "content": " Hello. "},
           {"role": "user", "content": "And?\n"}], True),
     ]
-    rendered = [[render(tokenizer, messages, t, add_generation_prompt) for t in (training, plain)]
+    rendered = [[rendered_text(tokenizer, messages, t, add_generation_prompt) for t in (training, plain)]
                 for messages, add_generation_prompt in chats]
     assert all(a == b for a, b in rendered)
     assert any("Hello." in a for a, _ in rendered)  # not only errors: the template renders these chats
