@@ -321,7 +321,7 @@ def max_difference(a: list, b: list) -> float:
 @dataclass
 class Answer:
     text: str
-    token_ids: list[int]  # the generated tokens, ending with the EOS token when finish_reason is "eos"
+    token_ids: list[int]  # the generated tokens, ending with the stop token when finish_reason is "eos"
     finish_reason: str  # "eos": the model ended its turn; "length": max_new_tokens was reached
 
 
