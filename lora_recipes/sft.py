@@ -16,7 +16,7 @@ from .data import MIN_ROWS_PER_PROCESS_POOL, TokenBudget, prepare_data, worth_pr
 from .data_card import write_data_card
 from .distributed import launch_strategy, prepare_data_once, remove_data_cache
 from .errors import RecipeError, exit_on_recipe_error
-from .evaluation import evaluate_after_training
+from .evaluation import eval_sets, evaluate_after_training
 from .model import load_model, load_tokenizer
 from .plots import plot_loss_curve
 from .reliability import KeepAdapterDtypesOnResume, StopOnNonFiniteLoss, failures_in_one_line, resume_point
@@ -52,9 +52,6 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     #    SFTTrainer will cut them; the main process of each machine prepares it, every rank reads that copy. The data
     #    card (counts, token lengths, train/eval overlap) is written before any model loads, so a data problem costs
     #    seconds, not a GPU hour
-    refused = sorted(set(data_args.dataset_name) & set(domain.EVAL_ONLY))
-    if refused:
-        raise RecipeError(f"{', '.join(refused)} is evaluation-only and is never trained on")
     data = prepare_data_once(training_args, lambda: prepare_data(
         data_args.dataset_name,
         domain.SCHEMAS,
@@ -63,6 +60,8 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         max_rows_per_source=data_args.max_rows_per_source,
         num_proc=training_args.dataset_num_proc,
         eval_sources=data_args.eval_dataset_name,
+        eval_only=domain.EVAL_ONLY,
+        standard_splits={eval_set.source: eval_set.split for eval_set in eval_sets(domain)},
         budget=None if training_args.max_length is None else TokenBudget(
             tokenizer, training_args.max_length, keep_end=training_args.truncation_mode == "keep_end",
             assistant_only_loss=training_args.assistant_only_loss),
@@ -70,7 +69,8 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     if training_args.process_index == 0:
         print(data.summary())
         write_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
-                        training_args.assistant_only_loss, training_args.dataset_num_proc)
+                        training_args.assistant_only_loss, training_args.dataset_num_proc,
+                        keep_end=training_args.truncation_mode == "keep_end")
     if data_args.data_card_only:
         remove_data_cache(training_args)
         return None
