@@ -16,7 +16,7 @@ from lora_recipes.evaluation import greedy_generations
 from lora_recipes.inference import ChatModel, GenerationArguments, conversation, plain_chat_template, read_adapter
 from lora_recipes.model_card import render
 from lora_recipes.sft import main as train
-from lora_recipes.tiny_model import CHATML_TEMPLATE
+from lora_recipes.templates import CHAT_TEMPLATES, CHATML_TEMPLATE, derive_assistant_spans, fold_system_prompt
 from recipes import chat, merge
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "medical_smoke.yaml"
@@ -171,14 +171,24 @@ def test_model_card_code_stops_at_the_end_of_turn_token(chatml_merged, monkeypat
     assert calls[0]["eos_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>") != tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("template", [CHATML_TEMPLATE, *sorted(t for t in TRL_TEMPLATES.glob("*_training.jinja")
-                                                          if t.stem not in IMAGE_TEXT_TEMPLATES)],
-                         ids=lambda path: path.stem)
-def test_plain_template_renders_as_the_training_template(template):
+def training_templates() -> dict[str, str]:
+    """Every kind of template training uses: bundled ChatML, TRL's training variants, markers derived from a
+    family's template (with the system prompt folded in, as for Mistral)."""
+    templates = {"chatml": CHATML_TEMPLATE.read_text(encoding="utf-8")}
+    templates |= {t.stem: t.read_text(encoding="utf-8") for t in TRL_TEMPLATES.glob("*_training.jinja")
+                  if t.stem not in IMAGE_TEXT_TEMPLATES}
+    for family in (CHAT_TEMPLATES / "families").glob("*.jinja"):
+        derived = derive_assistant_spans(family.read_text(encoding="utf-8"))
+        templates |= {f"{family.stem}-derived": derived, f"{family.stem}-derived-folded": fold_system_prompt(derived)}
+    return templates
+
+
+@pytest.mark.parametrize("name", sorted(training_templates()))
+def test_plain_template_renders_as_the_training_template(name):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
-    training = template.read_text(encoding="utf-8")
+    training = training_templates()[name]
     plain = plain_chat_template(training)
     assert GENERATION_TAG.search(training) and not GENERATION_TAG.search(plain)
     chats = [
