@@ -178,7 +178,7 @@ def answers(real_adapter, data_split):
     adapter = chat.adapters[0]
     with chat.model.disable_adapter():
         base = greedy_answers(chat, held_out, None)
-    return {"base": base, "adapter": greedy_answers(chat, held_out, adapter), "chat": chat}
+    return {"base": base, "adapter": greedy_answers(chat, held_out, adapter)}
 
 
 @slow
