@@ -619,11 +619,10 @@ def base_model_args(adapter: Path, card: dict | None, model_name_or_path: str | 
 
 def load_for_evaluation(adapter: Path, card: dict | None, model_name_or_path: str | None):
     """(base model with the adapter on top, tokenizer, base model args) for a saved adapter folder."""
-    from types import SimpleNamespace
-
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
+    from trl import SFTConfig
 
     from .model import load_model
 
@@ -636,9 +635,12 @@ def load_for_evaluation(adapter: Path, card: dict | None, model_name_or_path: st
         raise RecipeError(f"tokenizer of {tokenizer_source} has no chat template to build prompts with")
     if tokenizer.pad_token_id is None:
         raise RecipeError(f"tokenizer of {tokenizer_source} has no pad token")
-    # load_model reads two training settings: where to place quantised weights, and whether to run remote code
-    base = load_model(model_args, SimpleNamespace(use_cpu=not torch.cuda.is_available(),
-                                                  trust_remote_code=trust_remote_code))
+    # load_model takes the run's training settings (where quantised weights go, whether remote code runs): here one
+    # process, on the GPU when there is one. Nothing trains: no bf16 autocast (TRL's default, which a GPU without
+    # bf16 refuses) and no activation checkpointing (TRL's default for it warns)
+    settings = SFTConfig(output_dir=str(adapter), use_cpu=not torch.cuda.is_available(), report_to="none",
+                         trust_remote_code=trust_remote_code, bf16=False, activation_checkpointing=False)
+    base = load_model(model_args, settings)
     model = PeftModel.from_pretrained(base, adapter).eval()
     return model, tokenizer, model_args
 

@@ -314,6 +314,41 @@ def test_evaluation_leaves_the_4bit_model_as_it_found_it(medical_smoke_run):
     assert all(torch.equal(before[name], after[name]) for name in before), "evaluation changed the model"
 
 
+@pytest.fixture
+def gpu_seen(monkeypatch):
+    """CUDA reported available (and `set_device` a no-op) without a GPU, on a fresh accelerate state both sides."""
+    import bitsandbytes  # noqa: F401  (imported with CUDA seen, it would load its CUDA kernels)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_quantised_adapter_loads_onto_the_gpu_when_cuda_is_available(tiny_model, tmp_path, monkeypatch, gpu_seen):
+    """On a CUDA machine the 4-bit base goes whole onto GPU 0. The loaders are intercepted: no GPU here."""
+    import peft
+    import transformers
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(TINY_MODEL)}))
+    calls = []
+
+    def from_pretrained(name, **kwargs):
+        calls.append(kwargs)
+        return tiny_model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda base, folder: base)
+    model, tokenizer, model_args = load_for_evaluation(adapter, None, None)  # no run card: 4-bit NF4, bf16
+    assert model is tiny_model and model_args.load_in_4bit and model_args.dtype == "bfloat16"
+    assert calls[0]["device_map"] == {"": 0} and calls[0]["quantization_config"].load_in_4bit
+    assert calls[0]["trust_remote_code"] is False and tokenizer.chat_template
+
+
 def check_report(output_dir, tasks: set[str]) -> dict:
     report = json.loads((output_dir / "eval_report.json").read_text())
     assert set(report["tasks"]) == tasks
