@@ -50,6 +50,10 @@ class Schema:
     fields: dict[str, type | tuple[type, ...]]  # required columns and their accepted types (detection uses the keys)
     to_messages: Callable[[dict], dict]
     split_key: Callable[[dict], str] | None = None  # rows sharing this key land on the same side of the split
+    # How evaluation scores its answers: "multiple_choice" (a lettered options block, answer `C. ...`), a label set
+    # ("Yes", "No", "Maybe": a classification, the answer starts with one) or "open"; None: told by each answer's
+    # text (data in chat form, whose source declares nothing)
+    task: str | tuple[str, ...] | None = None
 
     def describe(self) -> str:
         return f"{self.name} ({', '.join(self.fields)})"
@@ -266,16 +270,16 @@ def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int
         messages = schema.to_messages(row)["messages"]
         validate_messages(messages)
     except DropRow as reason:
-        return {"messages": [], "split_key": "", "drop_reason": str(reason)}
+        return {"messages": [], "split_key": "", "drop_reason": str(reason), "schema": schema.name}
     except FieldError as e:
         raise RecipeError(f"{source}: row {index + row_offset}: {e}") from None
     split_key = schema.split_key(row) if schema.split_key else content_key(messages)
-    return {"messages": messages, "split_key": split_key, "drop_reason": ""}
+    return {"messages": messages, "split_key": split_key, "drop_reason": "", "schema": schema.name}
 
 
 def _convert_batch(batch: dict, indices: list[int], schema: Schema, source: str, row_offset: int) -> dict:
     """`_convert` over a batch of rows: `datasets` pays its per-call overhead once per batch, not once per row."""
-    out = {"messages": [], "split_key": [], "drop_reason": []}
+    out = {"messages": [], "split_key": [], "drop_reason": [], "schema": []}
     for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
         converted = _convert(dict(zip(batch, values, strict=True)), index, schema, source, row_offset)
         for key, value in converted.items():
@@ -301,12 +305,12 @@ def _converted_features():
     from datasets import Features, List, Value
 
     return Features({"messages": List({"role": Value("string"), "content": Value("string")}),
-                     "split_key": Value("string"), "drop_reason": Value("string")})
+                     "split_key": Value("string"), "drop_reason": Value("string"), "schema": Value("string")})
 
 
 def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_proc: int | None,
                  split: str = "train"):
-    """Convert one source; returns (Dataset of messages/split_key/drop_reason, schema name)."""
+    """Convert one source; returns (Dataset of messages/split_key/drop_reason/schema, schema name)."""
     from datasets import Dataset, concatenate_datasets
     from tqdm.auto import tqdm
 
@@ -344,11 +348,13 @@ def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_p
     return converted, schema.name
 
 
-def load_converted(source: str, schemas: list[Schema], split: str = "train") -> tuple[list[list[dict]], SourceReport]:
-    """One source converted to chat messages, neither deduplicated nor split: how an evaluation set is read."""
+def load_converted(source: str, schemas: list[Schema], split: str = "train") -> tuple[list[dict], SourceReport]:
+    """One source converted to {messages, schema} rows, neither deduplicated nor split: how an evaluation set is
+    read."""
     converted, schema_name = _load_source(source, schemas, None, None, split)
     drops = Counter(example["drop_reason"] for example in converted if example["drop_reason"])
-    kept = [example["messages"] for example in converted if not example["drop_reason"]]
+    kept = [{"messages": example["messages"], "schema": example["schema"]} for example in converted
+            if not example["drop_reason"]]
     report = SourceReport(source=source, schema=schema_name, read=len(converted), kept=len(kept),
                           dropped=dict(drops.most_common()))
     return kept, report
@@ -436,7 +442,8 @@ def prepare_data(
             kept = budget.fit(kept, source, report, drops)
         for example in kept:
             if is_eval or (not eval_sources and _in_eval(example["split_key"], seed, eval_fraction)):
-                eval_rows.append({"messages": example["messages"]})
+                # the schema tells evaluation how to score the row (Schema.task); training reads messages only
+                eval_rows.append({"messages": example["messages"], "schema": example["schema"]})
                 report.eval += 1
             else:
                 train_rows.append({"messages": example["messages"]})

@@ -1,21 +1,24 @@
 """Did the fine-tuning help? The base model and the adapter side by side, per task, with bootstrap intervals.
 
-Every example is a chat from a domain converter (system/user/assistant); its last assistant turn decides the task:
+Every example is a chat from a domain converter (system/user/assistant); its last assistant turn is the reference,
+and the source's schema declares the task (`Schema.task`; chats in `messages` form, which declare nothing, are told
+by their text: lettered options and a letter answer, else an answer that starts with one of the domain's labels):
 
-    multiple choice  the prompt lists lettered options and the answer is `C. <option text>` (or just `C`): accuracy,
-                     the model's pick being the letter (`A.`, `B.`, ...) with the highest log-likelihood given the
-                     prompt, as the standard harnesses score MedQA and MedMCQA (no bias towards short options)
-    classification   the answer starts with a label of one of the domain's label sets (PubMedQA Yes/No/Maybe, ...):
-                     accuracy, macro-F1 and weighted F1, the pick being the label with the highest log-likelihood
-    open answer      anything else: ROUGE-L and token F1 of greedy generations against the reference, and the
-                     per-token loss of the reference answer (lower is better)
+    multiple choice  the prompt ends with a block of lettered options and the answer is `C. <option text>` (or just
+                     `C`): accuracy, the model's pick being the letter (`A.`, `B.`, ...) with the highest
+                     log-likelihood given the prompt, as the standard harnesses score MedQA and MedMCQA (no bias
+                     towards short options)
+    classification   the answer starts with one of the schema's labels (PubMedQA Yes/No/Maybe, ...): accuracy,
+                     macro-F1 and weighted F1, the pick being the label with the highest log-likelihood
+    open answer      ROUGE-L and token F1 of greedy generations against the reference, and the per-token loss of
+                     the reference answer (lower is better)
 
 The base numbers come from the same model with the adapter switched off, so the (4-bit) base loads once. Scoring runs
 in bounded batches and keeps the logits of one batch's scored tokens only. Every metric gets a 95% percentile
 bootstrap interval over examples (seeded), and the paired difference adapter - base resamples the same examples.
 
-A domain module declares its standard evaluation sets as `EVAL_SETS = [EvalSet(...), ...]`; classification label
-sets come from there too, so a new domain only adds that list.
+A domain module declares its standard evaluation sets as `EVAL_SETS = [EvalSet(...), ...]`, and each schema's task
+in `SCHEMAS`, so a new domain only adds those.
 """
 
 import importlib
@@ -33,7 +36,8 @@ from .model import describe_quantization
 
 CONFIDENCE = 0.95
 ARTICLES = {"a", "an", "the"}
-OPTION_LINE = re.compile(r"^\s*([A-J])[.)]\s+(.+?)\s*$", re.MULTILINE)
+LETTERS = "ABCDEFGHIJ"
+OPTION_LINE = re.compile(r"\s*([A-J])[.)]\s+(.+?)\s*")  # one line of the options block: `C. text` or `C) text`
 LETTER_ANSWER = re.compile(r"^([A-J])(?:([.):])(?:\s|$)|\n|$)")  # `C`, `C.`, `C. text`, but not `A word`
 HEADLINE = {"multiple_choice": "accuracy", "classification": "accuracy", "open": "rouge_l"}
 LOWER_IS_BETTER = {"loss"}
@@ -41,12 +45,11 @@ LOWER_IS_BETTER = {"loss"}
 
 @dataclass(frozen=True)
 class EvalSet:
-    """A domain's standard evaluation set: a Hub dataset, the split to read, and the labels of a classification."""
+    """A domain's standard evaluation set: a Hub dataset and the split to read (its schema declares the task)."""
 
     name: str  # the task name in the report
     source: str  # Hub id or ID:CONFIG
     split: str  # the standard evaluation split; never one that the recipe trains on
-    labels: tuple[str, ...] = ()  # classification: every answer starts with one of these
 
 
 @dataclass
@@ -125,25 +128,70 @@ def _same_case(label: str, seen: str) -> str:
     return label.lower()
 
 
-def to_item(messages: list[dict], label_sets: list[tuple[str, ...]]) -> tuple[str, Item]:
-    """(kind, item) for one chat: its last assistant turn is the reference, everything before it the prompt."""
+def options_block(question: str) -> dict[str, str]:
+    """The lettered options (letter -> text): the last run of lines `A. text`, `B. text`, ... in letter order from A
+    (blank lines allowed between them). A letter line elsewhere (a CaseHOLD context's `I. Background`) is not one."""
+    runs, run = [], {}
+    for line in question.splitlines():
+        match = OPTION_LINE.fullmatch(line)
+        if match and len(run) < len(LETTERS) and match.group(1) == LETTERS[len(run)]:
+            run[match.group(1)] = match.group(2)
+        elif match or line.strip():
+            runs.append(run)
+            run = {match.group(1): match.group(2)} if match and match.group(1) == "A" else {}
+    runs.append(run)
+    return next((r for r in reversed(runs) if len(r) >= 2), {})
+
+
+def _choice_item(prompt: list[dict], reference: str) -> Item | None:
+    """A multiple-choice item, when the last user turn has an options block and the answer is one of its letters."""
+    question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    options = options_block(question)
+    letter = LETTER_ANSWER.match(reference)
+    if not (letter and letter.group(1) in options):
+        return None
+    chosen, separator = letter.group(1), letter.group(2) or ""
+    # The letter written as the answer writes it (`C.`): every candidate has the same length
+    return Item(prompt, reference, [f"{key}{separator}" for key in options], list(options).index(chosen),
+                [f"{k}. {v}" for k, v in options.items()])
+
+
+def _label_item(prompt: list[dict], reference: str, labels: tuple[str, ...]) -> Item | None:
+    """A classification item, when the answer starts with one of `labels` (as a whole word, in any case)."""
+    match = re.match(r"(" + "|".join(re.escape(label) for label in labels) + r")\b", reference, re.IGNORECASE)
+    if not match:
+        return None
+    candidates = [_same_case(label, match.group(1)) for label in labels]
+    return Item(prompt, reference, candidates, [label.lower() for label in labels].index(match.group(1).lower()))
+
+
+def to_item(messages: list[dict], label_sets: list[tuple[str, ...]], task: str | tuple[str, ...] | None = None
+            ) -> tuple[str, Item]:
+    """(kind, item) for one chat: its last assistant turn is the reference, everything before it the prompt.
+
+    `task` is what the source's schema declares (Schema.task); None (chats that declare nothing) tells the kind from
+    the text: an options block and a letter answer, else an answer starting with a label of `label_sets`, else open.
+    A declared task that the chat does not follow is a ValueError.
+    """
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     prompt, reference = messages[:last], messages[last]["content"].strip()
-    question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
-    options = dict(OPTION_LINE.findall(question))
-    letter = LETTER_ANSWER.match(reference)
-    if letter and len(options) >= 2 and letter.group(1) in options:
-        chosen, separator = letter.group(1), letter.group(2) or ""
-        # The letter written as the answer writes it (`C.`): every candidate has the same length
-        return "multiple_choice", Item(prompt, reference, [f"{key}{separator}" for key in options],
-                                       list(options).index(chosen), [f"{k}. {v}" for k, v in options.items()])
-    for labels in label_sets:
-        match = re.match(r"(" + "|".join(re.escape(label) for label in labels) + r")\b", reference, re.IGNORECASE)
-        if match:
-            candidates = [_same_case(label, match.group(1)) for label in labels]
-            answer = [label.lower() for label in labels].index(match.group(1).lower())
-            return "classification", Item(prompt, reference, candidates, answer)
-    return "open", Item(prompt, reference)
+    if task is None:
+        item = _choice_item(prompt, reference)
+        if item is not None:
+            return "multiple_choice", item
+        for labels in label_sets:
+            item = _label_item(prompt, reference, labels)
+            if item is not None:
+                return "classification", item
+        return "open", Item(prompt, reference)
+    if task == "open":
+        return "open", Item(prompt, reference)
+    item = _choice_item(prompt, reference) if task == "multiple_choice" else _label_item(prompt, reference, task)
+    if item is None:
+        expected = ("an options block and a letter answer" if task == "multiple_choice"
+                    else f"an answer starting with {' / '.join(task)}")
+        raise ValueError(f"expected {expected}, got the answer '{reference[:60]}'")
+    return "multiple_choice" if task == "multiple_choice" else "classification", item
 
 
 def eval_sets(domain: ModuleType) -> list[EvalSet]:
@@ -151,16 +199,18 @@ def eval_sets(domain: ModuleType) -> list[EvalSet]:
     return list(getattr(domain, "EVAL_SETS", ()))
 
 
-def build_tasks(name: str, chats, domain: ModuleType, limit: int | None, **task_fields) -> list[Task]:
-    """The chats of one source as tasks, one per kind of answer and label set: `name`, or `name/multiple_choice`,
-    `name/yes-no-maybe`, `name/open` when a source (a held-out split of a mixture) mixes them."""
-    # classification labels come from the standard sets, and from CLASS_LABELS for a domain whose labelled data has
-    # no standard set on the Hub (finance sentiment)
-    label_sets = [eval_set.labels for eval_set in eval_sets(domain) if eval_set.labels]
-    label_sets += list(getattr(domain, "CLASS_LABELS", ()))
+def build_tasks(name: str, rows, domain: ModuleType, limit: int | None, **task_fields) -> list[Task]:
+    """The converted rows ({messages, schema}) of one source as tasks, one per kind of answer and label set: `name`,
+    or `name/multiple_choice`, `name/yes-no-maybe`, `name/open` when a source (a held-out split of a mixture) mixes
+    them. Each row's schema declares its task; a row without one (chat data) is told by its text."""
+    declared = {schema.name: schema.task for schema in domain.SCHEMAS}
+    label_sets = list(dict.fromkeys(task for task in declared.values() if isinstance(task, tuple)))
     groups: dict[tuple[str, str], list[Item]] = {}
-    for messages in chats:
-        kind, item = to_item(messages, label_sets)
+    for index, row in enumerate(rows):
+        try:
+            kind, item = to_item(row["messages"], label_sets, declared.get(row.get("schema")))
+        except ValueError as e:  # a converter whose output does not match its schema's task
+            raise RecipeError(f"{name}: example {index + 1} ({row['schema']} schema): {e}") from None
         label = "-".join(item.options).lower() if kind == "classification" else kind
         groups.setdefault((kind, label), []).append(item)
     return [Task(name if len(groups) == 1 else f"{name}/{label}", kind, items[:limit], **task_fields)
@@ -188,11 +238,11 @@ def named_tasks(sources: list[str], domain: ModuleType, limit: int | None, train
             name, dataset, split = parse_hub_source(source, domain)
         name = source if name in names else name  # two files named alike keep their full paths apart
         names.add(name)
-        chats, report = load_converted(dataset, domain.SCHEMAS, split or "train")
+        rows, report = load_converted(dataset, domain.SCHEMAS, split or "train")
         trained_on = _canonical(dataset) in trained and split in (None, "train")  # recipes read Hub train splits
         if trained_on:
             print(f"note: {source} is training data of this adapter: its numbers measure memorisation")
-        tasks += build_tasks(name, chats, domain, limit, source=source, split=split, dropped=report.dropped,
+        tasks += build_tasks(name, rows, domain, limit, source=source, split=split, dropped=report.dropped,
                              trained_on=trained_on)
     return tasks
 
@@ -202,12 +252,12 @@ def standard_tasks(domain: ModuleType, limit: int | None) -> tuple[list[Task], l
     tasks, skipped = [], []
     for eval_set in eval_sets(domain):
         try:
-            chats, report = load_converted(eval_set.source, domain.SCHEMAS, eval_set.split)
+            rows, report = load_converted(eval_set.source, domain.SCHEMAS, eval_set.split)
         except HubUnreachable as e:
             skipped.append(f"{eval_set.name}: {e}")
             print(f"skipped {skipped[-1]}")
             continue
-        tasks += build_tasks(eval_set.name, chats, domain, limit, source=eval_set.source, split=eval_set.split,
+        tasks += build_tasks(eval_set.name, rows, domain, limit, source=eval_set.source, split=eval_set.split,
                              dropped=report.dropped)
     return tasks, skipped
 
@@ -655,7 +705,7 @@ def evaluate_after_training(trainer, domain: ModuleType, held_out, data_args, tr
                          limit=data_args.eval_after_training_limit,
                          batch_size=training_args.per_device_eval_batch_size,
                          max_length=training_args.max_length or 2048)
-    tasks = build_tasks("held_out", held_out["messages"], domain, args.limit,
+    tasks = build_tasks("held_out", held_out, domain, args.limit,
                         source="held-out split of the training sources") if held_out is not None else []
     skipped = ["the domain's standard sets (eval_after_training_standard_sets is false)"]
     if data_args.eval_after_training_standard_sets:
