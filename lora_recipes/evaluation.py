@@ -274,12 +274,61 @@ def _prompt_text(tokenizer, prompt: list[dict]) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def _answer_text(tokenizer, item: Item) -> str:
-    """The reference as the chat template writes it after the prompt, end-of-turn token included (as in training)."""
-    prompt = _prompt_text(tokenizer, item.prompt)
-    full = tokenizer.apply_chat_template(item.prompt + [{"role": "assistant", "content": item.reference}],
-                                         tokenize=False)
-    return full[len(prompt):] if full.startswith(prompt) else item.reference
+def _tokens(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered chat text, as `apply_chat_template(tokenize=True)` (and so training) encodes it."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _split_after_prompt(prompt: list[int], whole: list[int]) -> tuple[list[int], list[int]]:
+    """(context, continuation) of a prompt + continuation encoded together: the continuation is what follows the
+    encoded prompt (from where they diverge, when a token merges across the boundary), at least one token."""
+    from trl.data_utils import common_prefix_length
+
+    start = min(common_prefix_length(prompt, whole), len(whole) - 1)
+    return whole[:start], whole[start:]
+
+
+def option_requests(tokenizer, item: Item) -> list[tuple[list[int], list[int]]]:
+    """(context ids, option ids) per option. Prompt and option are encoded together, as training encodes the answer
+    after the prompt: encoded alone, a SentencePiece tokenizer would start the option with a word boundary
+    (`▁C`) that training never saw after the generation prompt."""
+    prompt_text = _prompt_text(tokenizer, item.prompt)
+    prompt = _tokens(tokenizer, prompt_text)
+    return [_split_after_prompt(prompt, _tokens(tokenizer, prompt_text + option)) for option in item.options]
+
+
+def reference_request(tokenizer, item: Item) -> tuple[list[int], list[int]]:
+    """(context ids, answer ids) of the reference as training tokenizes the conversation: the answer is the last
+    assistant turn's span of the assistant mask (its content and end-of-turn token). A template without generation
+    markers has no mask: then every token after the encoded prompt (what training without assistant_only_loss
+    learns)."""
+    from trl.chat_template_utils import has_generation_markers
+
+    masked = has_generation_markers(tokenizer.chat_template)
+    encoded = tokenizer.apply_chat_template(item.prompt + [{"role": "assistant", "content": item.reference}],
+                                            tokenize=True, return_dict=True, return_assistant_tokens_mask=masked)
+    ids, mask = encoded["input_ids"], encoded.get("assistant_masks", [])
+    if 1 in mask:
+        end = len(mask) - mask[::-1].index(1)
+        start = end - mask[:end][::-1].index(0) if 0 in mask[:end] else 0
+        return ids[:start], ids[start:end]
+    return _split_after_prompt(_tokens(tokenizer, _prompt_text(tokenizer, item.prompt)), ids)
+
+
+def choice_requests(tokenizer, items: list[Item], max_length: int) -> tuple[list, list[int], set[int]]:
+    """(requests, the item of each, the items whose prompt was cut) for the options of choice items: each item's
+    options share one context, cut from the left for the longest option, so that it is read once."""
+    requests, owners, truncated = [], [], set()
+    for index, item in enumerate(items):
+        options = option_requests(tokenizer, item)
+        longest = max(len(option) for _, option in options)
+        for context, option in options:
+            *request, cut = _fit(context, option, max_length - longest + len(option))
+            requests.append(request)
+            owners.append(index)
+            if cut:
+                truncated.add(index)
+    return requests, owners, truncated
 
 
 def _fit(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
@@ -289,15 +338,17 @@ def _fit(context: list[int], continuation: list[int], max_length: int) -> tuple[
     return context[-room:], continuation, len(context) > room
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int):
+def _pad(sequences: list[list[int]], pad_id: int, left: bool = True):
+    """(input_ids, attention_mask) of the sequences padded to one width, on the left (or the right)."""
     import torch
 
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        input_ids[row, width - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, width - len(sequence):] = 1
+        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        input_ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, span] = 1
     return input_ids, attention_mask
 
 
@@ -319,7 +370,7 @@ def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], ba
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             # The last continuation token is only ever predicted, so it is not part of the input
-            input_ids, attention_mask = _left_pad([requests[i][0] + requests[i][1][:-1] for i in batch], pad_id)
+            input_ids, attention_mask = _pad([requests[i][0] + requests[i][1][:-1] for i in batch], pad_id)
             keep = max(len(requests[i][1]) for i in batch)
             logits = model(
                 input_ids=input_ids.to(device),
@@ -332,6 +383,67 @@ def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], ba
                 predicted = logits[row, keep - len(continuation):].float()
                 scores[i] = -F.cross_entropy(predicted, continuation, reduction="sum").item()
             progress.update(len(batch))
+    return scores
+
+
+def grouped_logprobs(model, requests: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                     desc: str = "scoring") -> list[float]:
+    """The sums of `continuation_logprobs`, reading each distinct context once (requests grouped by context, as
+    lm-evaluation-harness does): one forward of the context gives every continuation's first token, and the rest of
+    the continuations are scored together from its KV cache. A context with one continuation is one pass with it.
+
+    A forward holds at most `batch_size` continuations (at least one context's), longest contexts first.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (context, _) in enumerate(requests):
+        groups.setdefault(tuple(context), []).append(i)
+    alone = [members[0] for members in groups.values() if len(members) == 1]
+    scores = [0.0] * len(requests)
+    for i, score in zip(alone, continuation_logprobs(model, [requests[i] for i in alone], batch_size, pad_id, desc),
+                        strict=True):
+        scores[i] = score
+    # (context, its continuations), at most batch_size continuations each, longest contexts first
+    shared = sorted(((context, members[k:k + batch_size]) for context, members in groups.items() if len(members) > 1
+                     for k in range(0, len(members), batch_size)), key=lambda group: -len(group[0]))
+    device = next(model.parameters()).device
+    with torch.no_grad(), tqdm(total=len(requests) - len(alone), desc=desc, leave=False) as progress:
+        start = 0
+        while start < len(shared):
+            batch, rows = [], 0
+            while start < len(shared) and (not batch or rows + len(shared[start][1]) <= batch_size):
+                batch.append(shared[start])
+                rows += len(shared[start][1])
+                start += 1
+            input_ids, attention_mask = _pad([list(context) for context, _ in batch], pad_id)
+            output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
+                           logits_to_keep=1)
+            pairs = [(row, i) for row, (_, members) in enumerate(batch) for i in members]
+            first = output.logits[:, -1].float().log_softmax(-1)
+            picked = first[[row for row, _ in pairs], [requests[i][1][0] for _, i in pairs]].tolist()
+            for (_, i), score in zip(pairs, picked, strict=True):
+                scores[i] = score
+            rest = [(row, i) for row, i in pairs if len(requests[i][1]) > 1]
+            if rest:
+                # one row per continuation, on its context's cache: the continuation minus its last token goes in,
+                # right-padded (a pad after the tokens is never attended to by them)
+                owners = torch.tensor([row for row, _ in rest])
+                cache = output.past_key_values
+                cache.batch_select_indices(owners.to(device))
+                tails, tail_mask = _pad([requests[i][1][:-1] for _, i in rest], pad_id, left=False)
+                context_mask = attention_mask[owners]
+                positions = context_mask.sum(-1, keepdim=True) + torch.arange(tails.shape[1])
+                logits = model(input_ids=tails.to(device), attention_mask=torch.cat([context_mask, tail_mask], 1)
+                               .to(device), position_ids=positions.to(device), past_key_values=cache,
+                               use_cache=True).logits
+                for k, (_, i) in enumerate(rest):
+                    target = torch.tensor(requests[i][1][1:], device=device)
+                    scores[i] -= F.cross_entropy(logits[k, :len(target)].float(), target, reduction="sum").item()
+            progress.update(len(pairs))
     return scores
 
 
@@ -351,7 +463,7 @@ def greedy_generations(model, tokenizer, prompts: list[list[int]], budgets: list
     with torch.no_grad(), tqdm(total=len(prompts), desc=desc, leave=False) as progress:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            input_ids, attention_mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
+            input_ids, attention_mask = _pad([prompts[i] for i in batch], tokenizer.pad_token_id)
             config = GenerationConfig(max_new_tokens=max(budgets[i] for i in batch), do_sample=False, use_cache=True,
                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop))
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -376,22 +488,10 @@ class Predictions:
 
 def predict(model, tokenizer, task: Task, args: EvalArguments, label: str) -> Predictions:
     """Run one model (base or adapter) over one task."""
-
-    def encode(text: str) -> list[int]:  # prompt and continuation are tokenized apart, as the harnesses do
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    contexts = [encode(_prompt_text(tokenizer, item.prompt)) for item in task.items]
     if task.kind != "open":
-        requests, owners, truncated = [], [], set()
-        for index, (item, context) in enumerate(zip(task.items, contexts, strict=False)):
-            for option in item.options:
-                *request, cut = _fit(context, encode(option), args.max_length)
-                requests.append(request)
-                owners.append(index)
-                if cut:
-                    truncated.add(index)
-        scores = continuation_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
-                                       desc=f"{task.name} [{label}] options")
+        requests, owners, truncated = choice_requests(tokenizer, task.items, args.max_length)
+        scores = grouped_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
+                                  desc=f"{task.name} [{label}] options")
         per_item: list[list[float]] = [[] for _ in task.items]
         for owner, score in zip(owners, scores, strict=False):
             per_item[owner].append(score)
@@ -399,14 +499,13 @@ def predict(model, tokenizer, task: Task, args: EvalArguments, label: str) -> Pr
         return Predictions(picks=picks, answers=[item.show(p) for item, p in zip(task.items, picks, strict=False)],
                            truncated=len(truncated))
 
-    references = [encode(_answer_text(tokenizer, item)) for item in task.items]
-    fitted = [_fit(context, reference, args.max_length)
-              for context, reference in zip(contexts, references, strict=False)]
+    fitted = [_fit(*reference_request(tokenizer, item), args.max_length) for item in task.items]
     requests = [(context, continuation) for context, continuation, _ in fitted]
-    scores = continuation_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
-                                   desc=f"{task.name} [{label}] reference loss")
+    scores = grouped_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
+                              desc=f"{task.name} [{label}] reference loss")
     losses = [-score / len(continuation) for score, (_, continuation) in zip(scores, requests, strict=False)]
-    budgets = [min(args.max_new_tokens, 2 * len(encode(item.reference)) + 16, args.max_length - 1)
+    contexts = [_tokens(tokenizer, _prompt_text(tokenizer, item.prompt)) for item in task.items]
+    budgets = [min(args.max_new_tokens, 2 * len(_tokens(tokenizer, item.reference)) + 16, args.max_length - 1)
                for item in task.items]
     prompts = [context[-(args.max_length - budget):] for context, budget in zip(contexts, budgets, strict=False)]
     answers = greedy_generations(model, tokenizer, prompts, budgets, args.batch_size,
