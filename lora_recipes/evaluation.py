@@ -289,12 +289,24 @@ def _split_after_prompt(prompt: list[int], whole: list[int]) -> tuple[list[int],
 
 
 def option_requests(tokenizer, item: Item) -> list[tuple[list[int], list[int]]]:
-    """(context ids, option ids) per option. Prompt and option are encoded together, as training encodes the answer
-    after the prompt: encoded alone, a SentencePiece tokenizer would start the option with a word boundary
-    (`▁C`) that training never saw after the generation prompt."""
+    """(context ids, option ids) per option, as training tokenizes an answer: the option is written as the assistant
+    turn of the conversation through the chat template and the whole text encoded; the option's tokens run from
+    where the text leaves the generation prompt (Mistral writes `[/INST] Yes`: training sees `▁Yes`, or `▁ Y es`)
+    to the option's last character, the context is every token before them. Encoded alone, `C.` would start with a
+    word boundary (`▁C`) that a SentencePiece tokenizer never puts after Phi-3's `<|assistant|>\\n`."""
+    import os
+
     prompt_text = _prompt_text(tokenizer, item.prompt)
-    prompt = _tokens(tokenizer, prompt_text)
-    return [_split_after_prompt(prompt, _tokens(tokenizer, prompt_text + option)) for option in item.options]
+    requests = []
+    for option in item.options:
+        text = tokenizer.apply_chat_template(item.prompt + [{"role": "assistant", "content": option}], tokenize=False)
+        begin = len(os.path.commonprefix([prompt_text, text]))
+        end = text.index(option, begin) + len(option)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        covering = [k for k, (first, last) in enumerate(encoded["offset_mapping"]) if last > begin and first < end]
+        ids = encoded["input_ids"]
+        requests.append((ids[:covering[0]], ids[covering[0]:covering[-1] + 1]))
+    return requests
 
 
 def reference_request(tokenizer, item: Item) -> tuple[list[int], list[int]]:

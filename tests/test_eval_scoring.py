@@ -1,17 +1,19 @@
 """Evaluation scores the tokens training saw, and reads each prompt once: per tokenizer family, on every bundled task.
 
-Families: the tiny byte-level BPE model (data/tiny-llama), and a SentencePiece-style Metaspace tokenizer (Llama-2,
-Mistral, Phi-3) built here with a Phi-3-style chat template, on a random tiny Llama of its vocabulary.
+Families: the bundled byte-level tiny model and one tiny model per family of lora_recipes/tiny_model.py (byte-level
+Llama 3 and Qwen2; SentencePiece-style Metaspace Phi-3, Mistral and Gemma 2), each with the chat template the recipe
+trains with.
 """
 
 import importlib
 
 import pytest
 import torch
-from conftest import SAMPLES, TINY_MODEL
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import REPO_ROOT, SAMPLES, TINY_MODEL
+from transformers import AutoModelForCausalLM
 from trl.data_utils import _tokenize
 
+from lora_recipes.config import parse_args
 from lora_recipes.data import load_converted
 from lora_recipes.evaluation import (
     build_tasks,
@@ -22,45 +24,12 @@ from lora_recipes.evaluation import (
     reference_request,
     to_item,
 )
+from lora_recipes.model import load_tokenizer
+from lora_recipes.tiny_model import FAMILIES
 
 DOMAINS = ("medical", "legal", "finance")
 MAX_LENGTH = 512  # the tiny models' context
-PHI3_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|assistant|>\n' }}{% generation %}"
-    "{{ message['content'] + '<|end|>' }}{% endgeneration %}{{ '\n' }}{% else %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
-
-def metaspace_tokenizer():
-    """BPE over Metaspace pre-tokenization (`▁` marks a word start, prepended to the first word only), trained on
-    the bundled samples: `encode("C.")` alone gives `▁C .`, but after `<|assistant|>\\n` training sees `C .`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from lora_recipes.tiny_model import sample_texts
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    special = ["<unk>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    tokenizer.train_from_iterator([*sample_texts(), "\n"], trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=special, show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="<|end|>", chat_template=PHI3_TEMPLATE)
-
-
-def random_llama(vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LENGTH)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # logits that differ between options (the default init makes them nearly uniform)
-        model.get_input_embeddings().weight.normal_(0.0, 0.5)
-    return model
+SMOKE = REPO_ROOT / "recipes" / "configs" / "medical_smoke.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,13 +41,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=["byte-level", "metaspace"])
-def family(request):
+def training_tokenizer(path, output_dir):
+    """The tokenizer as the recipe trains with it: the training chat template (assistant mask), a pad token."""
+    _, training_args, model_args = parse_args(SMOKE, ["--model_name_or_path", str(path), "--output_dir",
+                                                      str(output_dir)])
+    return load_tokenizer(model_args, training_args)
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", *sorted(FAMILIES)])
+def family(request, family_models, tmp_path_factory):
     """(tokenizer, model) of one tokenizer family."""
-    if request.param == "byte-level":
-        return AutoTokenizer.from_pretrained(TINY_MODEL), AutoModelForCausalLM.from_pretrained(TINY_MODEL).eval()
-    tokenizer = metaspace_tokenizer()
-    return tokenizer, random_llama(len(tokenizer))
+    path = TINY_MODEL if request.param == "tiny-llama" else family_models[request.param]
+    tokenizer = training_tokenizer(path, tmp_path_factory.mktemp(request.param))
+    return tokenizer, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def bundled_tasks(limit: int):
@@ -104,7 +79,8 @@ def trained_answer(tokenizer, messages: list[dict]) -> tuple[list[int], int, int
 
 
 def test_scored_tokens_are_the_tokens_training_saw(family):
-    """Every option's tokens are where training put the answer's first tokens, after the same context; the
+    """The right option's tokens are the answer's first tokens as training saw them, after the same context and
+    inside the assistant mask (which may start before the generation prompt ends: Qwen2.5's at its newline); the
     reference loss scores exactly the assistant-mask tokens (answer and end-of-turn)."""
     tokenizer, _ = family
     checked = {"multiple_choice": 0, "classification": 0, "open": 0}
@@ -116,22 +92,26 @@ def test_scored_tokens_are_the_tokens_training_saw(family):
             if task.kind != "open":
                 requests = option_requests(tokenizer, item)
                 context, option = requests[item.answer]
-                assert context == ids[:start] and option == ids[start:start + len(option)], task.name
+                # the right option's tokens are the trained tokens at the same place, inside the assistant mask
+                assert ids[:len(context) + len(option)] == context + option, task.name
+                assert start <= len(context) < len(context) + len(option) <= end, task.name
                 assert all(other_context == context for other_context, _ in requests)
             checked[task.kind] += 1
     assert min(checked.values()) > 0, checked
 
 
-def test_metaspace_options_carry_no_word_boundary():
-    """The bug this guards against: the option `C.` encoded alone starts with `▁C`, a token training never saw."""
-    tokenizer = metaspace_tokenizer()
+def test_sentencepiece_options_carry_no_word_boundary(family_models, tmp_path):
+    """The bug this guards against: under Phi-3's SentencePiece-style tokenizer the option `C.` encoded alone starts
+    with `▁C`, a token training never saw after `<|assistant|>`."""
+    tokenizer = training_tokenizer(family_models["phi3"], tmp_path)
     alone = tokenizer.convert_ids_to_tokens(tokenizer("C.", add_special_tokens=False)["input_ids"])
     assert alone[0] == "▁C"
     item = to_item([{"role": "user", "content": "Which?\n\nA. one\nB. two\nC. three"},
                     {"role": "assistant", "content": "C. three"}], [])[1]
     context, option = option_requests(tokenizer, item)[item.answer]
-    assert tokenizer.convert_ids_to_tokens(option) == ["C", "."]
-    assert tokenizer.convert_ids_to_tokens(context)[-2:] == ["<|assistant|>", "\n"]
+    assert tokenizer.convert_ids_to_tokens(option)[0] != "▁C" and tokenizer.decode(option) == "C."
+    assert tokenizer.convert_ids_to_tokens(context)[-1] == "<|assistant|>" or tokenizer.decode(context).endswith(
+        "<|assistant|>\n")
 
 
 class CountingModel(torch.nn.Module):
@@ -158,8 +138,9 @@ def test_reading_each_prompt_once_scores_as_option_by_option(family):
         else:
             requests, owners, _ = choice_requests(tokenizer, task.items, MAX_LENGTH)
         counted = CountingModel(model)
-        old = continuation_logprobs(model, requests, 4, tokenizer.pad_token_id)
-        new = grouped_logprobs(counted, requests, 8, tokenizer.pad_token_id)  # room for every option of a prompt
+        pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id  # Llama 3: none
+        old = continuation_logprobs(model, requests, 4, pad)
+        new = grouped_logprobs(counted, requests, 8, pad)  # room for every option of a prompt
         assert new == pytest.approx(old, abs=1e-4), task.name
         for index in set(owners):
             options = [i for i, owner in enumerate(owners) if owner == index]
