@@ -117,11 +117,12 @@ def run_args(device: str, model: Path, output_dir: Path, max_steps: int) -> list
             "--save_strategy", "no", "--report_to", "none", *(["--use_cpu", "true"] if device == "cpu" else [])]
 
 
-def side_by_side(model: Path, device: str, workdir: Path, quick: bool, warmup: int, rounds: int,
-                 steps_per_round: int) -> dict:
-    """Every variant in its own process, started one at a time, then timed in interleaved rounds."""
+def side_by_side(model: Path, device: str, workdir: Path, warmup: int, rounds: int, steps_per_round: int,
+                 variants: dict[str, tuple[str, list[str]]]) -> dict:
+    """Every variant (name -> (kind, YAML overrides)) in its own process, started one at a time, then timed in
+    interleaved rounds."""
     workers = {}
-    for i, (name, (kind, overrides)) in enumerate(trainer_variants(device, quick).items()):
+    for i, (name, (kind, overrides)) in enumerate(variants.items()):
         args = [*run_args(device, model, workdir / f"run{i}", warmup + rounds * steps_per_round),
                 "--logging_steps", "1000", "--disable_tqdm", "true", *overrides]
         spec = {"kind": kind, "domain": "medical", "config": str(RECIPE_CONFIG), "args": args,
@@ -289,13 +290,15 @@ def launch_to_first_step(model: Path, device: str, workdir: Path, repeats: int) 
 # ---------------------------------------------------------------------------------------------------------------
 # CUDA: the memory planner against the allocator
 # ---------------------------------------------------------------------------------------------------------------
-def planner_on_cuda(workdir: Path) -> list[dict]:
+def planner_on_cuda(workdir: Path, models: dict[str, dict] = MEMORY_MODELS) -> list[dict]:
+    """The planner's peak against `torch.cuda.max_memory_allocated` of two recipe steps on random-init `models`
+    (name -> config.json fields), with activation checkpointing on and off."""
     from lora_recipes.config import parse_args
     from lora_recipes.memory import architecture, plan, setup_from_args
 
     config = RECIPE_CONFIG
     results = []
-    for name, shape in MEMORY_MODELS.items():
+    for name, shape in models.items():
         model = random_model(workdir / f"memory-{name}", **dict(shape))
         data = long_chats(workdir / f"memory-{name}.jsonl", rows=32, words=2000)
         for checkpointing in ("true", "false"):
@@ -329,7 +332,8 @@ def markdown(results: dict) -> str:
         f"`{results['command']}` on {where}"
         f"{' (trainers single-threaded, see below)' if cpu else ''}; load average "
         f"{m['load_average_at_start']:.1f} at start, {results['load_average_at_end']:.1f} at the end. Model: "
-        f"random-init Llama shape {results['model']}. Data: the SYNTHETIC medical samples.",
+        f"random-init {results.get('model_name', 'Llama')} shape {results['model']}. "
+        "Data: the SYNTHETIC medical samples.",
         "",
         f"| trainer | vs bare TRL: median (range) | non-padding tokens per {'CPU second' if cpu else 'second'} | "
         "best wall-clock tokens/s | "
@@ -350,24 +354,26 @@ def markdown(results: dict) -> str:
              "share the cores)" if cpu else "wall-clock seconds")
     lines += ["", f"Each trainer: {len(rounds)} interleaved rounds of {rounds[0]['steps']} optimizer step(s), after "
               f"warm-up steps; ratio per round in {clock}, median and range over rounds. Peak memory: {peak}.", ""]
-    repeats = len(results["data_preparation"][0]["seconds"])
-    num_procs = sorted({d["num_proc"] for d in results["data_preparation"] if d["num_proc"]})
-    lines += [f"| data preparation (`prepare_data`, rows/s, best of {repeats}) | rows | local .jsonl file | "
-              + " | ".join(f"Hub table, num_proc {n}" for n in num_procs) + " |",
-              "|---|---|---|" + "---|" * len(num_procs)]
-    by_schema: dict[tuple, dict] = {}
-    for d in results["data_preparation"]:
-        by_schema.setdefault((d["domain"], d["schema"], d["rows"]), {})[d["num_proc"]] = d["rows_per_s"]
-    for (domain, schema, rows), speed in by_schema.items():
-        lines.append(f"| {domain} / {schema} | {rows:,} | {speed[None]:,.0f} | "
-                     + " | ".join(f"{speed[n]:,.0f}" for n in num_procs) + " |")
-    launches = results["launch"]
-    lines += ["", f"| `accelerate launch` to ... (median of {len(launches['recipe'])}) | recipe | bare TRL |",
-              "|---|---|---|"]
-    for phase, _ in PHASES:
-        bare = [run[phase] for run in launches[BASELINE] if phase in run]
-        lines.append(f"| {phase} | {statistics.median(run[phase] for run in launches['recipe']):.1f} s | "
-                     + (f"{statistics.median(bare):.1f} s |" if bare else "|"))
+    if results.get("data_preparation"):  # the GPU benchmark (bench/gpu_throughput.py) has no such section
+        repeats = len(results["data_preparation"][0]["seconds"])
+        num_procs = sorted({d["num_proc"] for d in results["data_preparation"] if d["num_proc"]})
+        lines += [f"| data preparation (`prepare_data`, rows/s, best of {repeats}) | rows | local .jsonl file | "
+                  + " | ".join(f"Hub table, num_proc {n}" for n in num_procs) + " |",
+                  "|---|---|---|" + "---|" * len(num_procs)]
+        by_schema: dict[tuple, dict] = {}
+        for d in results["data_preparation"]:
+            by_schema.setdefault((d["domain"], d["schema"], d["rows"]), {})[d["num_proc"]] = d["rows_per_s"]
+        for (domain, schema, rows), speed in by_schema.items():
+            lines.append(f"| {domain} / {schema} | {rows:,} | {speed[None]:,.0f} | "
+                         + " | ".join(f"{speed[n]:,.0f}" for n in num_procs) + " |")
+    if results.get("launch"):
+        launches = results["launch"]
+        lines += ["", f"| `accelerate launch` to ... (median of {len(launches['recipe'])}) | recipe | bare TRL |",
+                  "|---|---|---|"]
+        for phase, _ in PHASES:
+            bare = [run[phase] for run in launches[BASELINE] if phase in run]
+            lines.append(f"| {phase} | {statistics.median(run[phase] for run in launches['recipe']):.1f} s | "
+                         + (f"{statistics.median(bare):.1f} s |" if bare else "|"))
     if results.get("planner_on_cuda"):
         lines += ["", "| planner vs CUDA allocator | checkpointing | planned | measured | error |",
                   "|---|---|---|---|---|"]
@@ -398,7 +404,8 @@ def main() -> None:
         model = random_model(workdir / "model", **dict(shape))
         results["model"] = shape
         print("1-2. trainers side by side", flush=True)
-        results["trainers"] = side_by_side(model, device, workdir, args.quick, warmup, rounds, steps_per_round)
+        results["trainers"] = side_by_side(model, device, workdir, warmup, rounds, steps_per_round,
+                                           trainer_variants(device, args.quick))
         results["ratios"] = {name: ratios(results["trainers"], name, BASELINE, device)
                              for name in results["trainers"] if name != BASELINE}
         partial.write_text(json.dumps(results, indent=2) + "\n")

@@ -2,8 +2,8 @@
 
 Sentiment of financial news and tweets (FinGPT's training mix, and the Financial PhraseBank from its raw text
 files) and questions answered from 10-K passages (`virattt/financial-qa-10K`), whose eval split is held out by
-ticker so that no company is on both sides. None of these has a public held-out split the recipe could refuse, so
-EVAL_ONLY is empty: the held-out split of each run is what it evaluates on.
+ticker so that no company is on both sides (and each side has one). None of these has a public held-out split the
+recipe could refuse, so EVAL_ONLY is empty: the held-out split of each run is what it evaluates on.
 """
 
 from lora_recipes.convert import MESSAGES, chat

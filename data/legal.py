@@ -1,24 +1,26 @@
 """Legal sources -> chat messages.
 
 CaseHOLD (`coastalcph/lex_glue:case_hold`) teaches the model to pick the holding a court cited; Law Stack Exchange
-(`ymoslem/Law-StackExchange`) teaches it to answer people's legal questions in prose. The recipe reads the Hub's
-train split only; CaseHOLD's validation and test splits are listed in EVAL_ONLY and refused as training sources.
+(`ymoslem/Law-StackExchange`) teaches it to answer people's legal questions in prose. A training source reads the
+Hub's train split unless it names another; CaseHOLD's validation and test splits are listed in EVAL_ONLY and refused
+as training sources.
+CaseHOLD is plain text; Law Stack Exchange bodies are HTML (`html_to_text`).
 """
 
 from lora_recipes.convert import MESSAGES, chat, multiple_choice
 from lora_recipes.data import DropRow, FieldError, Schema
 from lora_recipes.evaluation import EvalSet
-from lora_recipes.text import clean_text
+from lora_recipes.text import clean_text, html_to_text
 
 SYSTEM_PROMPT = (
     "You are a legal research assistant. Explain the law clearly and cite the rule you rely on. This is general "
     "legal information, not legal advice: the answer depends on the jurisdiction and the facts, so for a decision "
     "that matters, consult a lawyer licensed where you are."
 )
-EVAL_ONLY = ("coastalcph/lex_glue:case_hold:validation", "coastalcph/lex_glue:case_hold:test")
+EVAL_ONLY = ("coastalcph/lex_glue:case_hold@validation", "coastalcph/lex_glue:case_hold@test")
 EVAL_SETS = [EvalSet("case_hold", "coastalcph/lex_glue:case_hold", "test")]  # 3,600 holdings, 5 options each
 HOLDING = "(<HOLDING>)"
-BLANK = "[HOLDING]"  # how the prompt shows the placeholder: "<HOLDING>" reads as an HTML tag, which cleaning removes
+BLANK = "[HOLDING]"  # how the prompt shows the placeholder, and its question names it
 LETTERS = "ABCDE"
 
 
@@ -44,18 +46,19 @@ def _answer_text(answer, index: int) -> tuple[int, str]:
     score = answer.get("score")
     if not isinstance(score, int) or isinstance(score, bool):
         raise FieldError(f"answers[{index}].score", "expected an integer")
-    return score, clean_text(answer["body"])
+    return score, html_to_text(answer["body"])
 
 
 def law_stackexchange_to_messages(example: dict) -> dict:
-    """ymoslem/Law-StackExchange: HTML question title/body and answers [{answer_id, body, score}]; the top-scored
-    answer is the target (the first of equal scores), and a question with no answer to learn from is dropped."""
+    """ymoslem/Law-StackExchange: question title (text), HTML question body and answers [{answer_id, body, score}];
+    the top-scored answer is the target (the first of equal scores), and a question with no answer to learn from is
+    dropped."""
     answers = [_answer_text(answer, i) for i, answer in enumerate(example["answers"])]
     answers = [(score, body) for score, body in answers if body]
     if not answers:
         raise DropRow("no answers")
     question = "\n\n".join(part for part in (clean_text(example["question_title"]),
-                                             clean_text(example["question_body"])) if part)
+                                             html_to_text(example["question_body"])) if part)
     if not question:
         raise DropRow("empty question")
     tags = example.get("tags") or []

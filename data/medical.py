@@ -2,8 +2,9 @@
 
 One pure function per source schema; loading, validation, deduplication and the split live in
 `lora_recipes/data.py`. Evaluation-only sets (MedQA test, MedMCQA validation, PubMedQA pqa_labeled) are never
-trained on: the recipe reads the Hub's train split only and refuses the sets listed in EVAL_ONLY. EVAL_SETS are
-what `recipes/evaluate.py` and the end of training compare the base model and the adapter on.
+trained on: a training source reads the Hub's train split unless it names another (`ID@SPLIT`), and the sets listed
+in EVAL_ONLY are refused (an entry without @SPLIT: every split). EVAL_SETS are what `recipes/evaluate.py` and the end
+of training compare the base model and the adapter on, and the split an eval source naming one of them reads.
 """
 
 from lora_recipes.convert import MESSAGES, chat, multiple_choice

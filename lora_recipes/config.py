@@ -20,9 +20,9 @@ class DataArguments:
 
     dataset_name: list[str] | None = field(
         default=None,
-        metadata={"help": "Training sources: Hub ids (ID or ID:CONFIG; the train split is used) or local files or "
-                          "folders (.jsonl, .json, .csv, .parquet, sentence@label .txt). Several sources form a "
-                          "mixture."},
+        metadata={"help": "Training sources: Hub ids (ID, ID:CONFIG, ID@SPLIT, ID:CONFIG@SPLIT; the train split "
+                          "unless named) or local files or folders (.jsonl, .json, .csv, .parquet, sentence@label "
+                          ".txt). Several sources form a mixture."},
     )
     eval_fraction: float = field(
         default=0.05, metadata={"help": "Share of the deduplicated rows held out for eval loss (seeded hash split)."}
@@ -49,8 +49,10 @@ class DataArguments:
     )
     eval_dataset_name: list[str] | None = field(
         default=None,
-        metadata={"help": "Eval sources (same forms as dataset_name) instead of a split of dataset_name; training "
-                          "rows that repeat an eval row are dropped (counted)."},
+        metadata={"help": "Eval sources (same forms as dataset_name) instead of a split of dataset_name. A Hub id "
+                          "without @SPLIT reads a held-out split: a standard set's own (MedMCQA: validation), else "
+                          "test, never train. The same source and split as a training source is refused; training "
+                          "rows that ask an eval question are dropped (counted)."},
     )
     overwrite_output_dir: bool = field(
         default=False,

@@ -3,28 +3,36 @@
 A domain module (`data/medical.py`, ...) declares its source schemas; everything else happens here, once for
 every domain:
 
-    source (Hub id[:config] or local file/folder)
-      -> rows read (.jsonl, .json array or lines, .csv, .parquet, `sentence@label` .txt lines, or the Hub's train
-         split)
+    source (a local file or folder, or a Hub dataset `ID`, `ID:CONFIG`, `ID@SPLIT`, `ID:CONFIG@SPLIT`: one syntax,
+            parsed by `parse_source`, for training sources, eval sources and the evaluation sets)
+      -> rows read (.jsonl, .json array or lines, .csv, .parquet, `sentence@label` .txt lines, or the Hub split: the
+         one named, else `train` for training and the held-out split for evaluation, see `held_out_split`)
       -> schema detected from the columns
       -> each row validated (missing or wrong-typed field: an error naming source, row and field)
       -> converted to {"messages": [...]} by the schema's pure function (rows dropped on purpose are counted)
       -> deduplicated on content across all sources
-      -> split into train/eval by a seeded hash (stable under reordering; a duplicate never straddles the split)
+      -> split into train/eval by a seeded hash of the prompt (stable under reordering; the same question, whatever
+         its answer, never straddles the split), or of the schema's group (a company's filings) with at least one
+         group on each side
 """
 
 import hashlib
 import json
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import RecipeError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 ROLES = ("system", "user", "assistant")
+SOURCE_FORMS = "ID, ID:CONFIG, ID@SPLIT or ID:CONFIG@SPLIT (ID is owner/name), or a local file or folder"
+# The split an eval source from the Hub reads when it names none and is not one of the domain's standard sets: `test`,
+# as `recipes/evaluate.py` reads it; never `train`, which the recipes train on
+HELD_OUT_SPLIT = "test"
 
 
 class DropRow(Exception):
@@ -49,7 +57,8 @@ class Schema:
     name: str
     fields: dict[str, type | tuple[type, ...]]  # required columns and their accepted types (detection uses the keys)
     to_messages: Callable[[dict], dict]
-    split_key: Callable[[dict], str] | None = None  # rows sharing this key land on the same side of the split
+    # rows of one group (a company's filings) land on the same side of the split; None: split by prompt
+    split_key: Callable[[dict], str] | None = None
     # How evaluation scores its answers: "multiple_choice" (a lettered options block, answer `C. ...`), a label set
     # ("Yes", "No", "Maybe": a classification, the answer starts with one) or "open"; None: told by each answer's
     # text (data in chat form, whose source declares nothing)
@@ -69,6 +78,9 @@ class SourceReport:
     train: int = 0
     eval: int = 0
     truncated: int = 0  # kept rows longer than max_length tokens, which SFTTrainer cuts
+    groups: int = 0  # distinct split groups of a source split by groups (0: split by prompt)
+    eval_groups: int = 0
+    split_note: str = ""  # why the split differs from the plain hash (a group moved so that each side has one)
 
 
 @dataclass
@@ -85,9 +97,88 @@ class PreparedData:
                          f"{dropped}")
         lines += [f"{s.source}: {s.truncated} rows longer than max_length are truncated" for s in self.sources
                   if s.truncated]
+        lines += [f"{s.source}: split by group, {s.eval_groups} of {s.groups} groups in eval"
+                  + (f" ({s.split_note})" if s.split_note else "") for s in self.sources if s.groups]
         lines.append(f"total: {sum(s.read for s in self.sources)} read, {len(self.train)} train, "
                      f"{len(self.eval) if self.eval is not None else 0} eval")
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Naming a source
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """A source as named: a local file or folder (`path`), or a Hub dataset (`repo_id`, `config`, `split`; None when
+    not named)."""
+
+    text: str
+    path: Path | None = None
+    repo_id: str = ""
+    config: str | None = None
+    split: str | None = None
+
+    @property
+    def hub(self) -> str:
+        """`ID` or `ID:CONFIG`, as a domain's EVAL_ONLY and EVAL_SETS name a Hub dataset."""
+        return f"{self.repo_id}:{self.config}" if self.config else self.repo_id
+
+    @property
+    def key(self) -> str:
+        """The same for two names of the same rows: the resolved path, or `ID:CONFIG@SPLIT`."""
+        return str(self.path.resolve()) if self.path else f"{self.hub}@{self.split}"
+
+    def with_split(self, default: str) -> "Source":
+        """This source reading `default` unless it names a split (a local one reads its files)."""
+        return self if self.path or self.split else replace(self, split=default)
+
+    def __str__(self) -> str:
+        return self.text if self.path else f"{self.hub}@{self.split}" if self.split else self.hub
+
+
+def parse_source(text: str) -> Source:
+    """A local file or folder when the path exists or cannot be a Hub id (a data-file suffix, not one '/'), else a
+    Hub dataset `ID[:CONFIG][@SPLIT]`; a malformed Hub name is a one-line error that shows the forms."""
+    if not text.strip():  # Path("") is the current folder
+        raise RecipeError(f"an empty source name; sources are {SOURCE_FORMS}")
+    path = Path(text)
+    if path.exists():
+        return Source(text, path=path)
+    name, at, split = text.partition("@")
+    repo_id, colon, config = name.partition(":")
+    if repo_id.count("/") != 1 or Path(repo_id).suffix in LOCAL_SUFFIXES:
+        return Source(text, path=path)  # loading says it is missing
+    if ":" in config:  # ID:CONFIG:SPLIT reads as a config named "CONFIG:SPLIT": say how to name the split
+        config, _, split = config.partition(":")
+        raise RecipeError(f"{text}: name the split with '@': {repo_id}:{config}@{split} (sources are {SOURCE_FORMS})")
+    if not all(repo_id.split("/")) or (colon and not config) or (at and not split) or "@" in split:
+        raise RecipeError(f"{text}: not a source name; sources are {SOURCE_FORMS}")
+    return Source(text, repo_id=repo_id, config=config or None, split=split or None)
+
+
+def held_out_split(source: Source, standard_splits: dict[str, str]) -> str:
+    """The split an eval source from the Hub reads: the one named, else the one the domain evaluates that set on
+    (`standard_splits`, ID[:CONFIG] -> split, from its EVAL_SETS), else `test`."""
+    return source.split or standard_splits.get(source.hub, HELD_OUT_SPLIT)
+
+
+def resolve_sources(sources: list[str], eval_sources: list[str] | None = None, eval_only=(),
+                    standard_splits: dict[str, str] | None = None) -> tuple[list[Source], list[Source]]:
+    """(training, eval) sources parsed, each Hub one with the split it reads (`train` for training); refuses a
+    training source that a domain's EVAL_ONLY lists (an entry without @SPLIT covers every split) and a source named
+    for both training and evaluation."""
+    train = [parse_source(s).with_split("train") for s in sources]
+    held_out = [parse_source(s) for s in eval_sources or []]
+    held_out = [s.with_split(held_out_split(s, standard_splits or {})) for s in held_out]
+    for source in train:
+        for entry in map(parse_source, eval_only):
+            if source.hub and source.hub == entry.hub and entry.split in (None, source.split):
+                raise RecipeError(f"{source.text}: evaluation-only ({entry.text}), never trained on")
+    both = {s.key for s in train} & {s.key for s in held_out}
+    if both:
+        raise RecipeError(f"{', '.join(sorted(both))}: named both to train on and to evaluate on; evaluate on another "
+                          "split (@SPLIT) or file, or leave out --eval_dataset_name to hold out a split of the data")
+    return train, held_out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,20 +289,18 @@ def local_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_hub_train_split(source: str, split: str = "train"):
-    """A split of a Hub dataset `ID` or `ID:CONFIG` (training reads only `train`; evaluation names its split), with a
-    one-line error when the Hub is out of reach."""
+def load_hub_train_split(repo_id: str, config: str | None = None, split: str = "train"):
+    """A split of a Hub dataset (`train` unless named), with a one-line error when the Hub is out of reach."""
     from datasets import load_dataset
 
-    repo_id, _, config = source.partition(":")
     try:
-        return load_dataset(repo_id, name=config or None, split=split)
+        return load_dataset(repo_id, name=config, split=split)
     except Exception as e:  # datasets and huggingface_hub raise many types for "offline" and "not found"
         problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HubUnreachable(
-            f"dataset '{source}': could not load its {split} split from the Hugging Face Hub ({problem[:200]}). "
-            "Offline? Pass a local file or folder with --dataset_name, or run the offline demo with a *_smoke.yaml "
-            "config"
+            f"dataset '{repo_id}{':' + config if config else ''}': could not load its {split} split from the "
+            f"Hugging Face Hub ({problem[:200]}). Offline? Pass a local file or folder with --dataset_name, or run "
+            "the offline demo with a *_smoke.yaml config"
         ) from None
 
 
@@ -264,6 +353,22 @@ def content_key(messages: list[dict]) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def question(messages: list[dict]) -> str:
+    """What the model is asked: the user turns of an example."""
+    return "\n".join(m["content"] for m in messages if m["role"] == "user")
+
+
+def normalise(text: str) -> str:
+    """Case, punctuation and spacing removed: 'What is X?' and 'what is x' are the same question."""
+    return " ".join(re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower()))
+
+
+def prompt_key(messages: list[dict]) -> str:
+    """What makes two examples the same question whatever their answers: the normalised user turns (the data card's
+    exact train/eval overlap compares the same)."""
+    return normalise(question(messages))
+
+
 def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int) -> dict:
     try:
         validate_row(row, schema)
@@ -273,7 +378,7 @@ def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int
         return {"messages": [], "split_key": "", "drop_reason": str(reason), "schema": schema.name}
     except FieldError as e:
         raise RecipeError(f"{source}: row {index + row_offset}: {e}") from None
-    split_key = schema.split_key(row) if schema.split_key else content_key(messages)
+    split_key = schema.split_key(row) if schema.split_key else ""  # "": split by prompt (prepare_data)
     return {"messages": messages, "split_key": split_key, "drop_reason": "", "schema": schema.name}
 
 
@@ -308,14 +413,16 @@ def _converted_features():
                      "split_key": Value("string"), "drop_reason": Value("string"), "schema": Value("string")})
 
 
-def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_proc: int | None,
-                 split: str = "train"):
-    """Convert one source; returns (Dataset of messages/split_key/drop_reason/schema, schema name)."""
+def _load_source(source: Source, schemas: list[Schema], max_rows: int | None, num_proc: int | None):
+    """Convert one source (a Hub one with its split resolved); returns (Dataset of
+    messages/split_key/drop_reason/schema, schema name)."""
     from datasets import Dataset, concatenate_datasets
     from tqdm.auto import tqdm
 
-    path = Path(source)
-    if path.exists():
+    path = source.path
+    if path is not None:
+        if not path.exists():
+            raise RecipeError(f"{source.text}: no such local file or folder (and not a Hub dataset id 'owner/name')")
         converted, schema_names = [], set()
         for file in local_files(path):
             rows = read_file(file)[:max_rows]
@@ -328,18 +435,16 @@ def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_p
             converted.append(Dataset.from_list(examples, features=_converted_features()))
             schema_names.add(schema.name)
         return concatenate_datasets(converted), "+".join(sorted(schema_names))
-    if path.suffix in LOCAL_SUFFIXES or "/" not in source:
-        raise RecipeError(f"{source}: no such local file or folder (and not a Hub dataset id 'owner/name')")
 
-    table = load_hub_train_split(source, split)
+    table = load_hub_train_split(source.repo_id, source.config, source.split)
     if max_rows is not None:
         table = table.select(range(min(max_rows, len(table))))
-    schema = detect_schema(table.column_names, schemas, source)
+    schema = detect_schema(table.column_names, schemas, str(source))
     converted = table.map(
         _convert_batch,
         batched=True,
         with_indices=True,
-        fn_kwargs={"schema": schema, "source": source, "row_offset": 1},
+        fn_kwargs={"schema": schema, "source": str(source), "row_offset": 1},
         remove_columns=table.column_names,
         features=_converted_features(),
         num_proc=worth_processes(num_proc, len(table)),
@@ -350,19 +455,40 @@ def _load_source(source: str, schemas: list[Schema], max_rows: int | None, num_p
 
 def load_converted(source: str, schemas: list[Schema], split: str = "train") -> tuple[list[dict], SourceReport]:
     """One source converted to {messages, schema} rows, neither deduplicated nor split: how an evaluation set is
-    read."""
-    converted, schema_name = _load_source(source, schemas, None, None, split)
+    read. A Hub source reads `split` unless it names its own."""
+    parsed = parse_source(source).with_split(split)
+    converted, schema_name = _load_source(parsed, schemas, None, None)
     drops = Counter(example["drop_reason"] for example in converted if example["drop_reason"])
     kept = [{"messages": example["messages"], "schema": example["schema"]} for example in converted
             if not example["drop_reason"]]
-    report = SourceReport(source=source, schema=schema_name, read=len(converted), kept=len(kept),
+    report = SourceReport(source=str(parsed), schema=schema_name, read=len(converted), kept=len(kept),
                           dropped=dict(drops.most_common()))
     return kept, report
 
 
-def _in_eval(split_key: str, seed: int, eval_fraction: float) -> bool:
+def _position(split_key: str, seed: int) -> float:
+    """Where a split key falls in [0, 1) for this seed: below eval_fraction is eval."""
     digest = hashlib.sha256(f"{seed}\x1f{split_key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _eval_sides(examples: list[dict], seed: int, eval_fraction: float, report: SourceReport) -> list[bool]:
+    """Which examples of one source go to eval: by the seeded hash of their group (a schema's split_key) or, without
+    one, of their prompt. A source of two or more groups gets at least one on each side: a few groups at a small
+    eval_fraction would otherwise all hash into train (recorded in the report)."""
+    keys = [e["split_key"] or prompt_key(e["messages"]) or content_key(e["messages"]) for e in examples]
+    in_eval = {key: _position(key, seed) < eval_fraction for key in keys}
+    groups = sorted({e["split_key"] for e in examples if e["split_key"]}, key=lambda g: _position(g, seed))
+    if len(groups) >= 2 and eval_fraction > 0:
+        if not any(in_eval[g] for g in groups):
+            in_eval[groups[0]] = True
+            report.split_note = f"none hashed into eval at eval_fraction {eval_fraction}: the first by hash moved"
+        elif all(in_eval[g] for g in groups):
+            in_eval[groups[-1]] = False
+            report.split_note = f"all hashed into eval at eval_fraction {eval_fraction}: the last by hash moved back"
+    if groups:
+        report.groups, report.eval_groups = len(groups), sum(in_eval[g] for g in groups)
+    return [in_eval[key] for key in keys]
 
 
 @dataclass(frozen=True)
@@ -409,51 +535,64 @@ def prepare_data(
     num_proc: int | None = None,
     eval_sources: list[str] | None = None,
     budget: TokenBudget | None = None,
+    eval_only=(),
+    standard_splits: dict[str, str] | None = None,
 ) -> PreparedData:
     """Every source converted, validated, deduplicated across sources and split into train/eval.
 
-    With `eval_sources`, they are the eval set and every row of `sources` trains, except rows that repeat an eval
-    row (dropped, counted). With `budget`, rows longer than max_length are counted and rows it would leave without
-    an answer are dropped (counted). A source that keeps no row at all is an error, with the reasons.
+    With `eval_sources`, they are the eval set (a Hub one reads its held-out split, see `held_out_split`) and every
+    row of `sources` trains, except rows that ask an eval question (dropped, counted). With `budget`, rows longer
+    than max_length are counted and rows it would leave without an answer are dropped (counted). `eval_only` (a
+    domain's EVAL_ONLY) is refused as a training source. A source that keeps no row at all is an error, with the
+    reasons.
     """
     from datasets import Dataset
 
-    seen: set[str] = set()
-    held_out: set[str] = set()
+    train_sources, held_out_sources = resolve_sources(sources, eval_sources, eval_only, standard_splits)
+    seen: set[str] = set()  # content of every kept row: a repeat is a duplicate
+    held_out: set[str] = set()  # prompts of the eval sources: a training row asking one is dropped
     train_rows, eval_rows, reports = [], [], []
-    for is_eval, source in [(True, s) for s in eval_sources or []] + [(False, s) for s in sources]:
+    for is_eval, source in [(True, s) for s in held_out_sources] + [(False, s) for s in train_sources]:
         converted, schema_name = _load_source(source, schemas, max_rows_per_source, num_proc)
-        report = SourceReport(source=source, schema=schema_name, read=len(converted))
+        report = SourceReport(source=str(source), schema=schema_name, read=len(converted))
         drops = Counter()
         kept = []
         for example in converted:
             if example["drop_reason"]:
                 drops[example["drop_reason"]] += 1
                 continue
+            prompt = prompt_key(example["messages"])
+            if not is_eval and prompt and prompt in held_out:
+                drops["in the eval set"] += 1
+                continue
             key = content_key(example["messages"])
             if key in seen:
-                drops["in the eval set" if key in held_out and not is_eval else "duplicate"] += 1
+                drops["duplicate"] += 1
                 continue
             seen.add(key)
             if is_eval:
-                held_out.add(key)
+                held_out.add(prompt)
             kept.append(example)
         if budget is not None:
-            kept = budget.fit(kept, source, report, drops)
-        for example in kept:
-            if is_eval or (not eval_sources and _in_eval(example["split_key"], seed, eval_fraction)):
-                # the schema tells evaluation how to score the row (Schema.task); training reads messages only
+            kept = budget.fit(kept, source.text, report, drops)
+        if is_eval or held_out_sources:
+            sides = [is_eval] * len(kept)
+        else:
+            sides = _eval_sides(kept, seed, eval_fraction, report)
+        for example, in_eval in zip(kept, sides, strict=True):
+            if in_eval:  # the schema tells evaluation how to score the row (Schema.task)
                 eval_rows.append({"messages": example["messages"], "schema": example["schema"]})
-                report.eval += 1
             else:
                 train_rows.append({"messages": example["messages"]})
-                report.train += 1
-        report.kept = report.train + report.eval
+        report.eval = sum(sides)
+        report.train = len(kept) - report.eval
+        report.kept = len(kept)
         report.dropped = dict(drops.most_common())
         reports.append(report)
         if not report.kept:
             reasons = ", ".join(f"{n} {reason}" for reason, n in drops.most_common())
-            raise RecipeError(f"{source}: no row left to {'evaluate' if is_eval else 'train'} on (dropped: {reasons})")
+            raise RecipeError(f"{source.text}: no row left to {'evaluate' if is_eval else 'train'} on "
+                              f"(dropped: {reasons})")
 
     if not train_rows:
         raise RecipeError(f"no training rows left from {', '.join(sources)}: all {len(eval_rows)} kept rows fell in "

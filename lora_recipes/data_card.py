@@ -11,16 +11,14 @@ exact after normalisation (case, punctuation, spacing), and near-duplicate by th
 character 5-gram sets, found with MinHash banding so that it scales to a few hundred thousand rows.
 """
 
-import re
 import sys
-import unicodedata
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from .data import worth_processes
+from .data import normalise, question, worth_processes
 from .run_card import redact, write_json
 
 CARD_JSON, CARD_MD, CARD_PLOT = "data_card.json", "data_card.md", "data_card_lengths.png"
@@ -37,27 +35,37 @@ _HASH_B = _rng.integers(0, 2**63, size=NUM_PERM, dtype=np.uint64)
 # Token lengths
 # ---------------------------------------------------------------------------------------------------------------
 def token_lengths(dataset, tokenizer, assistant_only_loss: bool, num_proc: int | None = None) -> dict[str, list]:
-    """Per example: `length` (tokens with the chat template) and `first_target` (index of the first token in the
-    loss: the first assistant token with assistant_only_loss, else 0)."""
+    """Per example: `length` (tokens with the chat template), `first_target` and `last_target` (indices of the first
+    and last token in the loss: the assistant tokens with assistant_only_loss, else every token; `length` and -1 when
+    none is)."""
 
     def measure(batch):
         out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=assistant_only_loss)
-        masks = out["assistant_masks"] if assistant_only_loss else [[1] for _ in out["input_ids"]]
+        masks = out["assistant_masks"] if assistant_only_loss else [[1] * len(ids) for ids in out["input_ids"]]
         return {"length": [len(ids) for ids in out["input_ids"]],
-                "first_target": [mask.index(1) if 1 in mask else len(mask) for mask in masks]}
+                "first_target": [mask.index(1) if 1 in mask else len(mask) for mask in masks],
+                "last_target": [len(mask) - 1 - mask[::-1].index(1) if 1 in mask else -1 for mask in masks]}
 
     measured = dataset.map(measure, batched=True, batch_size=256, remove_columns=dataset.column_names,
                            num_proc=worth_processes(num_proc, len(dataset)),
                            desc="Measuring token lengths")
-    return {"length": measured["length"], "first_target": measured["first_target"]}
+    return {name: measured[name] for name in ("length", "first_target", "last_target")}
 
 
-def length_stats(measured: dict[str, list], max_length: int | None) -> dict:
-    lengths, first_target = np.array(measured["length"]), np.array(measured["first_target"])
+def length_stats(measured: dict[str, list], max_length: int | None, keep_end: bool = False) -> dict:
+    lengths = np.array(measured["length"])
     if lengths.size == 0:
         return {"examples": 0}
     longer = int((lengths > max_length).sum()) if max_length else 0
+    no_target = 0
+    if max_length:
+        # what TRL keeps is the first max_length tokens, or with truncation_mode keep_end the last ones: a row with no
+        # loss token in that window leaves nothing to learn, and TRL drops it
+        if keep_end:
+            no_target = int((np.array(measured["last_target"]) < lengths - max_length).sum())
+        else:
+            no_target = int((np.array(measured["first_target"]) >= np.minimum(lengths, max_length)).sum())
     return {
         "examples": int(lengths.size),
         "min": int(lengths.min()),
@@ -68,24 +76,13 @@ def length_stats(measured: dict[str, list], max_length: int | None) -> dict:
         "max": int(lengths.max()),
         "longer_than_max_length": longer,
         "share_longer_than_max_length": round(longer / lengths.size, 4),
-        # truncation keeps the start: an answer that begins past max_length leaves nothing to learn, and TRL drops it
-        "no_target_within_max_length": int((first_target >= max_length).sum()) if max_length else 0,
+        "no_target_within_max_length": no_target,
     }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Train/eval overlap
 # ---------------------------------------------------------------------------------------------------------------
-def question(messages: list[dict]) -> str:
-    """What the model is asked: the user turns of an example."""
-    return "\n".join(m["content"] for m in messages if m["role"] == "user")
-
-
-def normalise(text: str) -> str:
-    """Case, punctuation and spacing removed: 'What is X?' and 'what is x' are the same question."""
-    return " ".join(re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower()))
-
-
 def shingles(text: str) -> np.ndarray:
     """The sorted set of character n-grams of `text`, each packed losslessly into one integer."""
     data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
@@ -165,13 +162,14 @@ def source_counts(sources) -> tuple[list[dict], dict]:
 
 
 def build_card(data, tokenizer, max_length: int | None, assistant_only_loss: bool = True,
-               num_proc: int | None = None) -> tuple[dict, dict]:
-    """The card's numbers for a PreparedData, and the per-example token lengths (for the plot)."""
+               num_proc: int | None = None, keep_end: bool = False) -> tuple[dict, dict]:
+    """The card's numbers for a PreparedData, and the per-example token lengths (for the plot); `keep_end`: the run
+    truncates with truncation_mode keep_end."""
     splits = {"train": data.train, "eval": data.eval}
     measured = {name: token_lengths(ds, tokenizer, assistant_only_loss, num_proc)
                 for name, ds in splits.items() if ds is not None}
     sources, total = source_counts(data.sources)
-    lengths = {name: length_stats(m, max_length) for name, m in measured.items()}
+    lengths = {name: length_stats(m, max_length, keep_end) for name, m in measured.items()}
     eval_overlap = None
     if data.eval is not None:
         eval_overlap = overlap([question(m) for m in data.train["messages"]],
@@ -184,17 +182,21 @@ def build_card(data, tokenizer, max_length: int | None, assistant_only_loss: boo
             f"examples repeat a training question ({eval_overlap['exact']} exact, {eval_overlap['near_duplicate']} "
             f"near-duplicate at character {NGRAM}-gram Jaccard >= {NEAR_DUPLICATE_JACCARD}): eval loss overstates "
             "how well the model generalises")
+    warnings += [f"{s['source']}: split by group, {s['eval_groups']} of {s['groups']} groups in eval "
+                 f"({s['split_note']})" for s in sources if s["split_note"]]
     for name, stats in lengths.items():
         if stats.get("longer_than_max_length"):
             warnings.append(f"{stats['longer_than_max_length']} of {stats['examples']} {name} examples "
                             f"({stats['share_longer_than_max_length']:.1%}) are longer than max_length {max_length} "
                             "and will be truncated")
         if stats.get("no_target_within_max_length"):
+            kept = "last" if keep_end else "first"
             warnings.append(f"{stats['no_target_within_max_length']} {name} examples have no answer token within "
-                            f"max_length {max_length}: TRL drops them (nothing left to learn)")
+                            f"the {kept} max_length {max_length} tokens: TRL drops them (nothing left to learn)")
     card = {
         "tokenizer": tokenizer.name_or_path,
         "max_length": max_length,
+        "truncation_mode": "keep_end" if keep_end else "keep_start",
         "assistant_only_loss": assistant_only_loss,
         "sources": sources,
         "total": total,
@@ -236,7 +238,7 @@ def to_markdown(card: dict) -> str:
         return ", ".join(f"{n} {reason}" for reason, n in reasons.items()) or "-"
 
     lines = ["# Data card", "",
-             f"Tokenizer `{card['tokenizer']}`, max_length {card['max_length']}, "
+             f"Tokenizer `{card['tokenizer']}`, max_length {card['max_length']} ({card['truncation_mode']}), "
              f"loss on assistant turns only: {card['assistant_only_loss']}.", "",
              "## Sources", "",
              "| source | schema | read | kept | dropped | duplicates | train | eval |",
@@ -273,11 +275,11 @@ def to_markdown(card: dict) -> str:
 
 
 def write_data_card(output_dir, data, tokenizer, max_length: int | None, assistant_only_loss: bool = True,
-                    num_proc: int | None = None) -> dict:
+                    num_proc: int | None = None, keep_end: bool = False) -> dict:
     """Measure `data` (a PreparedData), write the card's three files into `output_dir`, print its warnings."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    card, measured = build_card(data, tokenizer, max_length, assistant_only_loss, num_proc)
+    card, measured = build_card(data, tokenizer, max_length, assistant_only_loss, num_proc, keep_end)
     write_json(output_dir / CARD_JSON, card)
     (output_dir / CARD_MD).write_text(redact(to_markdown(card)), encoding="utf-8")
     plot_lengths(measured, max_length, output_dir / CARD_PLOT)

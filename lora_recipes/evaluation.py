@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
 
-from .data import HubUnreachable, load_converted
+from .data import HubUnreachable, held_out_split, load_converted, parse_source
 from .errors import RecipeError
 from .model import describe_quantization
 
@@ -218,17 +218,18 @@ def build_tasks(name: str, rows, domain: ModuleType, limit: int | None, **task_f
 
 
 def parse_hub_source(source: str, domain: ModuleType) -> tuple[str, str, str]:
-    """(task name, Hub id[:config], split) for a Hub dataset: a standard set's own split, else `@SPLIT` or test."""
-    hub_id, _, split = source.partition("@")
-    for eval_set in eval_sets(domain):
-        if eval_set.source == hub_id:
-            return eval_set.name, hub_id, split or eval_set.split
-    return hub_id, hub_id, split or "test"
+    """(task name, Hub id[:config], split) for a Hub dataset: the split named, else a standard set's own, else test."""
+    parsed = parse_source(source)
+    if parsed.path is not None:  # a local file or folder that is missing: reading it says so
+        return source, source, None
+    names = {eval_set.source: eval_set.name for eval_set in eval_sets(domain)}
+    split = held_out_split(parsed, {eval_set.source: eval_set.split for eval_set in eval_sets(domain)})
+    return names.get(parsed.hub, parsed.hub), parsed.hub, split
 
 
 def named_tasks(sources: list[str], domain: ModuleType, limit: int | None, training_sources: list[str]) -> list[Task]:
     """Tasks from the datasets the user named; a source that cannot be read is an error."""
-    trained = {_canonical(s) for s in training_sources}
+    trained = {parse_source(s).with_split("train").key for s in training_sources}
     tasks, names = [], set()
     for source in sources:
         path = Path(source)
@@ -239,7 +240,7 @@ def named_tasks(sources: list[str], domain: ModuleType, limit: int | None, train
         name = source if name in names else name  # two files named alike keep their full paths apart
         names.add(name)
         rows, report = load_converted(dataset, domain.SCHEMAS, split or "train")
-        trained_on = _canonical(dataset) in trained and split in (None, "train")  # recipes read Hub train splits
+        trained_on = parse_source(dataset).with_split(split or "train").key in trained
         if trained_on:
             print(f"note: {source} is training data of this adapter: its numbers measure memorisation")
         tasks += build_tasks(name, rows, domain, limit, source=source, split=split, dropped=report.dropped,
@@ -260,11 +261,6 @@ def standard_tasks(domain: ModuleType, limit: int | None) -> tuple[list[Task], l
         tasks += build_tasks(eval_set.name, rows, domain, limit, source=eval_set.source, split=eval_set.split,
                              dropped=report.dropped)
     return tasks, skipped
-
-
-def _canonical(source: str) -> str:
-    path = Path(source)
-    return str(path.resolve()) if path.exists() else source
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,20 +460,19 @@ def greedy_generations(model, tokenizer, prompts: list[list[int]], budgets: list
     """Greedy completions, batched (left-padded), each cut at its own token budget and at the end of turn."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+
+    from .inference import eos_token_ids, explicit_generation_config
 
     device = next(model.parameters()).device
-    stop = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id if model.generation_config is not None else None
-    stop |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    stop = set(eos_token_ids(tokenizer, model.generation_config))  # the chat template's end of turn, and EOS
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts = [""] * len(prompts)
     with torch.no_grad(), tqdm(total=len(prompts), desc=desc, leave=False) as progress:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             input_ids, attention_mask = _pad([prompts[i] for i in batch], tokenizer.pad_token_id)
-            config = GenerationConfig(max_new_tokens=max(budgets[i] for i in batch), do_sample=False, use_cache=True,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop))
+            # greedy, nothing from the model's generation_config.json (no repetition penalty an instruct model ships)
+            config = explicit_generation_config(model, tokenizer, max(budgets[i] for i in batch), use_cache=True)
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     generation_config=config)
             for row, i in enumerate(batch):

@@ -1,12 +1,11 @@
-"""Text cleaning shared by the domain converters."""
+"""Text cleaning shared by the domain converters: plain text is kept as written (`x<y`, `&amp;` are text), HTML
+(Law Stack Exchange bodies) becomes plain text."""
 
-import html
 import re
 from html.parser import HTMLParser
 
 _BLOCK_TAGS = {"p", "div", "br", "li", "ul", "ol", "blockquote", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "tr",
                "table", "hr"}
-_TAG_LIKE = re.compile(r"</?[a-zA-Z][^<>]*>")
 
 
 class _TextExtractor(HTMLParser):
@@ -35,11 +34,15 @@ class _TextExtractor(HTMLParser):
 
 
 def clean_text(text: str) -> str:
-    """Plain text from a string that may hold HTML: tags removed, entities decoded, whitespace tidied."""
-    if _TAG_LIKE.search(text) or "&" in text:
-        extractor = _TextExtractor()
-        extractor.feed(text)
-        extractor.close()
-        text = html.unescape("".join(extractor.parts))
+    """Plain text with its whitespace tidied: spaces and tabs collapsed, lines stripped, at most one blank line."""
     lines = [re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in text.split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def html_to_text(html: str) -> str:
+    """Plain text from HTML: tags removed (blocks and list items on lines of their own), scripts and styles left out,
+    entities decoded once (`&amp;lt;` is the text `&lt;`), whitespace tidied."""
+    extractor = _TextExtractor()
+    extractor.feed(html)
+    extractor.close()
+    return clean_text("".join(extractor.parts))

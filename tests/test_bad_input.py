@@ -101,7 +101,11 @@ CASES = [
     ("eval-set-identical-to-train-set",
      lambda t: ["--dataset_name", str(SAMPLES / "medical" / "medqa.jsonl"), "--eval_dataset_name",
                 str(SAMPLES / "medical" / "medqa.jsonl")],
-     r"medqa\.jsonl: no row left to train on \(dropped: \d+ in the eval set\)"),
+     r"medqa\.jsonl: named both to train on and to evaluate on; evaluate on another split \(@SPLIT\) or file"),
+    ("split-named-with-a-colon",
+     lambda t: ["--eval_dataset_name", "GBaker/MedQA-USMLE-4-options:default:test"],
+     r"GBaker/MedQA-USMLE-4-options:default:test: name the split with '@': "
+     r"GBaker/MedQA-USMLE-4-options:default@test \(sources are ID, ID:CONFIG, ID@SPLIT or ID:CONFIG@SPLIT"),
     ("unsupported-file-type",
      lambda t: ["--dataset_name", write(t / "cases.xlsx", "What is X? X is Y.\n")],
      r"cases\.xlsx: unsupported file type '\.xlsx'"),

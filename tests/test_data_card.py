@@ -152,6 +152,46 @@ def test_token_lengths_are_what_trl_trains_on(tmp_path):
     assert stats["no_target_within_max_length"] == len(data.train) - len(trained) > 0  # TRL dropped exactly these
 
 
+def test_no_answer_within_max_length_follows_the_truncation_side(tmp_path, tokenizer):
+    """keep_start keeps the first max_length tokens, keep_end the last (TRL's slices); the count of rows left without
+    an answer token is the count of masks with no 1 in the slice the run keeps."""
+    from datasets import Dataset
+
+    long = " ".join(f"detail {i} of the facts." for i in range(120))
+    answer_last = [chat(f"{long} Question {i}?", "The short answer.") for i in range(2)]  # cut by keep_start only
+    answer_first = {"messages": [{"role": "user", "content": "Question?"}, {"role": "assistant", "content": "Yes."},
+                                 {"role": "user", "content": long}]}  # cut by keep_end only
+    data = PreparedData(train=Dataset.from_list(answer_last + [answer_first]), eval=None,
+                        sources=[SourceReport("fixture", "messages", 3, 3, {}, 3, 0)])
+    masks = tokenizer.apply_chat_template(list(data.train["messages"]), tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)["assistant_masks"]
+    max_length = 100
+    assert min(len(mask) for mask in masks) > 2 * max_length
+
+    for keep_end, kept in ((False, slice(None, max_length)), (True, slice(-max_length, None))):
+        card = write_data_card(tmp_path / str(keep_end), data, tokenizer, max_length, keep_end=keep_end)
+        expected = sum(1 not in mask[kept] for mask in masks)
+        assert card["token_lengths"]["train"]["no_target_within_max_length"] == expected
+        assert card["truncation_mode"] == ("keep_end" if keep_end else "keep_start")
+        assert expected == (1 if keep_end else 2)
+
+
+def test_the_card_says_when_a_group_was_moved_to_give_each_side_one(tmp_path, tokenizer):
+    rows = [{"question": f"What was revenue in quarter {q}?", "answer": "$5 million.", "context": "Revenue rose.",
+             "ticker": ticker, "filing": "2023_10K"} for ticker in ("AAA", "BBB", "CCC", "DDD") for q in range(10)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    moved = next(data for seed in range(20)
+                 if (data := prepare_data([str(path)], finance.SCHEMAS, eval_fraction=0.1, seed=seed)).sources[0]
+                 .split_note)
+
+    card = write_data_card(tmp_path / "out", moved, tokenizer, max_length=512)
+
+    source = card["sources"][0]
+    assert (source["groups"], source["eval_groups"], source["eval"]) == (4, 1, 10)
+    assert f"{path}: split by group, 1 of 4 groups in eval ({source['split_note']})" in card["warnings"]
+
+
 def test_data_card_only_needs_just_the_tokenizer(tmp_path):
     from lora_recipes.config import parse_args
     from lora_recipes.sft import main

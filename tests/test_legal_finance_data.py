@@ -11,11 +11,11 @@ from lora_recipes.config import parse_args
 from lora_recipes.data import DropRow, FieldError, prepare_data
 from lora_recipes.errors import RecipeError
 from lora_recipes.sft import main
-from lora_recipes.text import clean_text
+from lora_recipes.text import clean_text, html_to_text
 
 CASE_HOLD = {
     "context": "The statute applies. See Doe v. Roe, 1 F.3d 2 (9th Cir. 1990) (<HOLDING>). Affirmed.",
-    "endings": ["holding one", "holding two", "holding <i>three</i>", "holding four", "holding five"],
+    "endings": ["holding one", "holding two", "holding  three ", "holding four", "holding five"],
     "label": 2,
 }
 LAW_SE = {
@@ -69,6 +69,25 @@ def test_law_stackexchange_html_becomes_text_and_the_top_answer_is_the_target():
     assert assistant == "Top answer: no.\n\n- Write to them."  # the first of the two answers scored 9
     for text in (user, assistant):
         assert "<" not in text and "&amp;" not in text and "alert" not in text
+
+
+def test_html_entities_are_decoded_once():
+    body = "<p>Write &amp;lt;br&amp;gt; for a line break; x &lt; y &amp;&amp; y &gt; z.</p>"
+    _, user, _ = (m["content"] for m in legal.law_stackexchange_to_messages({**LAW_SE, "question_body": body})[
+        "messages"])
+    assert user.split("\n\n")[1] == "Write &lt;br&gt; for a line break; x < y && y > z."
+    assert html_to_text("&amp;lt;br&amp;gt;") == "&lt;br&gt;"
+
+
+def test_plain_text_is_never_parsed_as_html():
+    assert clean_text("if x<y and y>z then") == "if x<y and y>z then"
+    assert clean_text("AT&amp;T  &lt;b&gt; ") == "AT&amp;T &lt;b&gt;"
+    text = "Guidance: margin <5% and growth >10% for R&D <b>units</b>."
+    _, user, _ = (m["content"] for m in finance.fingpt_sentiment_to_messages({**FINGPT, "input": text})["messages"])
+    assert user.endswith("\n\n" + text)
+    ending = "holding that <a> and <b> are distinct"
+    assert legal.case_hold_to_messages({**CASE_HOLD, "endings": [ending] * 5})["messages"][2]["content"] == (
+        f"C. {ending}")
 
 
 @pytest.mark.parametrize("answers", [[], [{"answer_id": 1, "body": "<p> </p>", "score": 3}]])
@@ -178,8 +197,8 @@ def test_schemas_are_detected_in_parquet_and_csv(tmp_path):
 
 def test_legal_samples_drop_unanswered_questions_and_repeats():
     raw = read_jsonl(SAMPLES / "legal" / "law_stackexchange.jsonl")
-    unanswered = sum(not any(clean_text(a["body"]) for a in row["answers"]) for row in raw)
-    answered_ids = [row["question_id"] for row in raw if any(clean_text(a["body"]) for a in row["answers"])]
+    unanswered = sum(not any(html_to_text(a["body"]) for a in row["answers"]) for row in raw)
+    answered_ids = [row["question_id"] for row in raw if any(html_to_text(a["body"]) for a in row["answers"])]
     data = prepare_data([str(SAMPLES / "legal" / name) for name in ("case_hold.jsonl", "law_stackexchange.jsonl")],
                         legal.SCHEMAS, eval_fraction=0.1, seed=42)
     case_hold, law_se = data.sources
@@ -220,10 +239,49 @@ def test_financial_qa_eval_split_is_held_out_by_ticker():
     assert train | held_out == {row["ticker"] for row in read_jsonl(SAMPLES / "finance" / "financial_qa_10k.jsonl")}
 
 
+def test_a_sentence_with_conflicting_labels_stays_on_one_side(tmp_path):
+    """FinGPT has the same sentence graded ('mildly positive' -> neutral) and plain ('positive'): both are kept, on
+    the same side of the split."""
+    rows = [{**FINGPT, "input": f"Company {i} shares moved {i}% after results.", "output": label}
+            for i in range(100) for label in ("positive", "mildly positive")]
+    data = prepare_data([str(write_jsonl(tmp_path / "fingpt.jsonl", rows))], finance.SCHEMAS, eval_fraction=0.3)
+
+    assert data.sources[0].kept == 200 and len(data.eval) >= 30
+    in_train = {m[1]["content"] for m in data.train["messages"]}
+    assert sum(m[1]["content"] in in_train for m in data.eval["messages"]) == 0
+
+
+def test_a_source_of_few_groups_has_a_group_on_each_side(tmp_path):
+    """40 questions over 4 tickers: at eval_fraction 0.1 every ticker often hashes into train, at 0.9 into eval."""
+    rows = [{**FIN_QA, "question": f"What was revenue in quarter {q}?", "ticker": ticker}
+            for ticker in ("AAA", "BBB", "CCC", "DDD") for q in range(10)]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+
+    def tickers(dataset):
+        return {example["messages"][1]["content"].split()[2] for example in dataset or []}
+
+    notes = 0
+    for eval_fraction in (0.1, 0.9):
+        for seed in range(6):
+            data = prepare_data([str(path)], finance.SCHEMAS, eval_fraction=eval_fraction, seed=seed)
+            train, held_out = tickers(data.train), tickers(data.eval)
+            assert train and held_out and not train & held_out and train | held_out == {"AAA", "BBB", "CCC", "DDD"}
+            report = data.sources[0]
+            assert (report.groups, report.eval_groups, report.eval) == (4, len(held_out), 10 * len(held_out))
+            assert f"split by group, {len(held_out)} of 4 groups in eval" in data.summary()
+            notes += bool(report.split_note)
+            if report.split_note:
+                assert report.split_note in data.summary() and len(held_out) in (1, 3)
+    assert notes  # the guarantee was needed on some of these seeds
+
+
 def test_case_hold_evaluation_splits_are_refused(tmp_path):
     args = parse_args(REPO_ROOT / "recipes" / "configs" / "legal_smoke.yaml",
-                      ["--output_dir", str(tmp_path), "--dataset_name", "coastalcph/lex_glue:case_hold:test"])
-    with pytest.raises(RecipeError, match="case_hold:test is evaluation-only"):
+                      ["--output_dir", str(tmp_path), "--dataset_name", "coastalcph/lex_glue:case_hold@test"])
+    with pytest.raises(RecipeError, match=r"case_hold@test: evaluation-only \(coastalcph/lex_glue:case_hold@test\)"):
+        main(legal, *args)
+    args[0].dataset_name = ["coastalcph/lex_glue:case_hold:test"]  # a split named with ':' is not taken as a config
+    with pytest.raises(RecipeError, match=r"name the split with '@': coastalcph/lex_glue:case_hold@test"):
         main(legal, *args)
 
 

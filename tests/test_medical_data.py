@@ -10,10 +10,11 @@ from conftest import SAMPLES
 
 from data import medical
 from lora_recipes.data import DropRow, FieldError, prepare_data
+from lora_recipes.data_card import normalise, overlap, question
 from lora_recipes.errors import RecipeError
 
 MEDQA = {
-    "question": "A 30-year-old woman has <b>fatigue</b>. What is the treatment?",
+    "question": "A 30-year-old woman has   fatigue.\tWhat is the treatment?",
     "answer": "iron",
     "options": {"D": "zinc", "B": "iron", "A": "rest", "C": "salt"},
     "meta_info": "step1",
@@ -22,12 +23,12 @@ MEDQA = {
 }
 MEDMCQA = {
     "id": "x1", "question": "Which test?", "opa": "ECG", "opb": "CT", "opc": "MRI", "opd": "PET", "cop": 2,
-    "choice_type": "single", "exp": "MRI is best &amp; safest.<br>See notes.", "subject_name": "Radiology",
+    "choice_type": "single", "exp": "MRI is best   & safest.\n\n\n\nSee notes.", "subject_name": "Radiology",
     "topic_name": None,
 }
 PUBMEDQA = {
     "pubid": 1, "question": "Does X help?",
-    "context": {"contexts": ["<p>Background.</p>", "Methods."], "labels": ["B", "M"], "meshes": ["X"]},
+    "context": {"contexts": ["  Background. ", "Methods."], "labels": ["B", "M"], "meshes": ["X"]},
     "long_answer": "X helped.", "final_decision": "yes",
 }
 FLASHCARD = {"input": "What is X?", "output": "X is Y.", "instruction": "Answer this question truthfully"}
@@ -47,7 +48,7 @@ def test_medqa_options_sorted_and_answer_is_letter_plus_text():
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     user = messages[1]["content"]
     assert user.index("A. rest") < user.index("B. iron") < user.index("C. salt") < user.index("D. zinc")
-    assert "<b>" not in user and "fatigue" in user
+    assert user.startswith("A 30-year-old woman has fatigue. What is the treatment?\n")
     assert messages[2]["content"] == "B. iron"
 
 
@@ -62,7 +63,7 @@ def test_medmcqa_empty_explanations_are_left_out(exp):
     assert answer == "C. MRI"
 
 
-def test_medmcqa_explanation_is_html_free():
+def test_medmcqa_explanation_whitespace_is_tidied():
     answer = medical.medmcqa_to_messages(MEDMCQA)["messages"][2]["content"]
     assert answer == "C. MRI\n\nExplanation: MRI is best & safest.\n\nSee notes."
 
@@ -123,6 +124,43 @@ def test_split_is_deterministic_seeded_and_order_independent(tmp_path):
     assert first == eval_questions(forward, 42) == eval_questions(backward, 42)
     assert first != eval_questions(forward, 7)
     assert 20 <= len(first) <= 60  # about 20% of 200
+
+
+def medmcqa_asked_twice(questions: int) -> list[dict]:
+    """MedMCQA as it is: each question twice, with a different explanation (so both copies are kept)."""
+    return [{**MEDMCQA, "id": f"q{i}-{copy}", "question": f"Which test confirms condition number {i}?",
+             "exp": f"Explanation {copy} of question {i}."} for i in range(questions) for copy in range(2)]
+
+
+def test_a_question_asked_twice_with_other_answers_never_straddles_the_split(tmp_path):
+    path = write_jsonl(tmp_path / "medmcqa.jsonl", medmcqa_asked_twice(200))
+    data = prepare_data([str(path)], medical.SCHEMAS, eval_fraction=0.2, seed=42)
+
+    assert data.sources[0].kept == 400 and 40 <= len(data.eval) <= 120  # both copies kept, about 20% held out
+    train_questions = [question(m) for m in data.train["messages"]]
+    eval_questions = [question(m) for m in data.eval["messages"]]
+    in_train = {normalise(q) for q in train_questions}
+    assert sum(normalise(q) in in_train for q in eval_questions) == 0
+    assert overlap(train_questions, eval_questions)["exact"] == 0  # the data card's count
+
+
+def test_a_training_row_that_asks_an_eval_question_is_dropped(tmp_path):
+    asked = medmcqa_asked_twice(35)
+    held_out = write_jsonl(tmp_path / "eval.jsonl", asked[0:60:2])
+    train = write_jsonl(tmp_path / "train.jsonl", asked[1::2])  # the same 30 questions, other explanations, and 5 more
+
+    data = prepare_data([str(train)], medical.SCHEMAS, eval_sources=[str(held_out)])
+
+    assert data.sources[1].dropped == {"in the eval set": 30}
+    assert [question(m) for m in data.train["messages"]] == [medical.medmcqa_to_messages(row)["messages"][1]["content"]
+                                                            for row in asked[61::2]]
+    assert len(data.eval) == 30
+
+
+def test_plain_text_sources_keep_angle_brackets_and_ampersands():
+    text = "If serum Na<130 and K>5.5 &amp; the patient is drowsy, which test first?"
+    user = medical.medqa_to_messages({**MEDQA, "question": text})["messages"][1]["content"]
+    assert user.startswith(text + "\n")
 
 
 def test_all_local_formats_load_the_same_rows(tmp_path):
