@@ -290,20 +290,19 @@ def greedy_generations(model, tokenizer, prompts: list[list[int]], budgets: list
     """Greedy completions, batched (left-padded), each cut at its own token budget and at the end of turn."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+
+    from .inference import eos_token_ids, explicit_generation_config
 
     device = next(model.parameters()).device
-    stop = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id if model.generation_config is not None else None
-    stop |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    stop = set(eos_token_ids(tokenizer, model.generation_config))  # the chat template's end of turn, and EOS
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts = [""] * len(prompts)
     with torch.no_grad(), tqdm(total=len(prompts), desc=desc, leave=False) as progress:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             input_ids, attention_mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
-            config = GenerationConfig(max_new_tokens=max(budgets[i] for i in batch), do_sample=False, use_cache=True,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop))
+            # greedy, nothing from the model's generation_config.json (no repetition penalty an instruct model ships)
+            config = explicit_generation_config(model, tokenizer, max(budgets[i] for i in batch), use_cache=True)
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     generation_config=config)
             for row, i in enumerate(batch):

@@ -1,7 +1,9 @@
 """The loss covers exactly the assistant turns and their EOS, nothing else (prompt, system, padding)."""
 
+import re
+
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TINY_MODEL
 
 from lora_recipes.config import parse_args
 from lora_recipes.errors import RecipeError
@@ -52,3 +54,30 @@ def test_template_without_markers_and_no_known_family_fails_clearly(tmp_path):
                                                       "--chat_template_path", str(template)])
     with pytest.raises(RecipeError, match="no \\{% generation %\\} markers"):
         load_tokenizer(model_args, training_args)
+
+
+def test_end_of_turn_token_is_where_the_assistant_mask_ends_not_eos():
+    from transformers import AutoTokenizer
+
+    from lora_recipes.templates import end_of_turn_token, end_of_turn_token_id
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (end_of_turn_token(tokenizer), end_of_turn_token_id(tokenizer)) == ("<|im_end|>", im_end)
+    # ChatML models often declare another EOS (`<|endoftext|>`); the turn still ends on <|im_end|>
+    tokenizer.eos_token = "<|pad|>"
+    assert end_of_turn_token_id(tokenizer) == im_end
+
+
+def test_spans_derived_from_a_template_without_markers_equal_the_marked_template():
+    from transformers import AutoTokenizer
+
+    from lora_recipes.templates import PROBE, assistant_mask
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    unmarked = re.sub(r"\{%-? */?(end)?generation *-?%\}", "", tokenizer.chat_template)
+    assert "generation" not in unmarked.replace("add_generation_prompt", "")
+    for chat in [PROBE, *CHATS]:
+        ids, mask = assistant_mask(tokenizer, chat)
+        assert assistant_mask(tokenizer, chat, unmarked) == (ids, mask)
+        assert 0 < sum(mask) < len(ids)
