@@ -77,3 +77,12 @@ def run_recipe_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, st
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny model per tokenizer family (lora_recipes.tiny_model.FAMILIES), built once a session: name -> folder."""
+    from lora_recipes.tiny_model import FAMILIES, build_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family(name, root / name) for name in FAMILIES}

@@ -47,12 +47,13 @@ def test_labels_are_exactly_the_assistant_turns_with_eos(trainer):
     assert padded.any() and (batch["labels"][padded] == -100).all()
 
 
-def test_template_without_markers_and_no_known_family_fails_clearly(tmp_path):
+def test_template_with_no_end_of_turn_token_and_no_known_family_fails_clearly(tmp_path):
     template = tmp_path / "plain.jinja"
     template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
     _, training_args, model_args = parse_args(SMOKE, ["--output_dir", str(tmp_path),
                                                       "--chat_template_path", str(template)])
-    with pytest.raises(RecipeError, match="no \\{% generation %\\} markers"):
+    with pytest.raises(RecipeError, match="never learn to stop: pass --chat_template_path FILE.jinja with "
+                                          "\\{% generation %\\} markers"):
         load_tokenizer(model_args, training_args)
 
 
