@@ -221,21 +221,30 @@ def compare_logits(reference: list, candidate: list) -> dict:
 
 @dataclass
 class TurnTemplate:
-    """A chat template as Ollama needs it: per role, the text before and after the content; then what starts the
-    assistant's answer. `head` is the BOS token where the template writes it (the runtime adds it, so the Go
-    template leaves it out)."""
+    """A chat template as Ollama needs it: per role, the text before and after the content; what starts the
+    assistant's answer after a user turn, and what closes a conversation that ends with an answer (Phi-3's EOS);
+    `fold`: for a template without a system role, what joins the system prompt to the first user message instead.
+    `head` is the BOS token where the template writes it (the runtime adds it, so the Go template leaves it out)."""
 
     head: str
     prefix: dict[str, str]
     suffix: dict[str, str]
     generation_prompt: str
+    close: str = ""
+    fold: str | None = None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool, head: bool = True) -> str:
-        """The text this template gives (what the Go template renders, plus `head`)."""
-        text = self.head if head else ""
+    def render(self, messages: list[dict]) -> str:
+        """`head` + what the Go template renders: the generation prompt after a user turn, `close` after an answer."""
+        text, system = self.head, None
         for message in messages:
-            text += self.prefix[message["role"]] + message["content"] + self.suffix[message["role"]]
-        return text + (self.generation_prompt if add_generation_prompt else "")
+            role, content = message["role"], message["content"]
+            if role == "system" and self.fold is not None:
+                system = content
+                continue
+            if role == "user" and system is not None:
+                content, system = system + self.fold + content, None
+            text += self.prefix[role] + content + self.suffix[role]
+        return text + (self.close if messages[-1]["role"] == "assistant" else self.generation_prompt)
 
     def go_template(self) -> str:
         """Ollama's TEMPLATE (Go text/template over .Messages); every literal is a quoted string action, so the
@@ -244,54 +253,76 @@ class TurnTemplate:
         def lit(text: str) -> str:
             return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
 
-        roles = "".join(f'{{{{- {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
-                        f"{lit(self.prefix[role])}{{{{ .Content }}}}{lit(self.suffix[role])}\n"
-                        for i, role in enumerate(("system", "user", "assistant")))
-        return ("{{- range $i, $_ := .Messages }}\n"
-                "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
-                f"{roles}"
-                "{{- end }}\n"
-                f'{{{{- if and $last (ne .Role "assistant") }}}}{lit(self.generation_prompt)}{{{{ end }}}}\n'
-                "{{- end }}")
+        def turn(role: str) -> str:
+            content = "{{ .Content }}"
+            if role == "user" and self.fold is not None:
+                content = (f'{{{{ if $system }}}}{{{{ $system }}}}{lit(self.fold)}{{{{ $system = "" }}}}{{{{ end }}}}'
+                           f"{content}")
+            return f"{lit(self.prefix[role])}{content}{lit(self.suffix[role])}"
+
+        system = '{{ $system = .Content }}' if self.fold is not None else turn("system")
+        return ("{{- $system := \"\" }}\n" if self.fold is not None else "") + (
+            "{{- range $i, $_ := .Messages }}\n"
+            "{{- $last := eq (len (slice $.Messages $i)) 1 }}\n"
+            f'{{{{- if eq .Role "system" }}}}{system}\n'
+            f'{{{{- else if eq .Role "user" }}}}{turn("user")}\n'
+            f'{{{{- else if eq .Role "assistant" }}}}{turn("assistant")}\n'
+            "{{- end }}\n"
+            f'{{{{- if and $last (ne .Role "assistant") }}}}{lit(self.generation_prompt)}'
+            f"{{{{ else if $last }}}}{lit(self.close)}{{{{ end }}}}\n"
+            "{{- end }}")
 
 
 def split_template(tokenizer) -> TurnTemplate:
     """Read each role's text around its content off the chat template, by rendering probe conversations.
 
-    Assumes what ChatML, Llama 3 and Phi-3 style templates do (an assistant turn ends as a user turn does);
-    `turn_template` checks the result against the chat template, so a template that differs is an error, not a
-    wrong Modelfile.
+    `turn_template` checks the result against the chat template, so a template this cannot describe is an error,
+    not a wrong Modelfile.
     """
     s, u, a, u2 = (PROBE[k] for k in ("system", "user", "assistant", "user2"))
     chat = [{"role": "system", "content": s}, {"role": "user", "content": u}, {"role": "assistant", "content": a},
             {"role": "user", "content": u2}]
-    full = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
-    prompted = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    if not prompted.startswith(full):
-        raise ValueError("the generation prompt is not appended to the conversation")
+
+    def render(messages, add=False):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
+
+    full, prompted = render(chat), render(chat, add=True)
+    # Where the two part: after the last token they share (Phi-3 closes with EOS where others add nothing)
+    ids, offsets = (tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)[k]
+                    for k in ("input_ids", "offset_mapping"))
+    prompted_ids = tokenizer(prompted, add_special_tokens=False)["input_ids"]
+    pairs = enumerate(zip(ids, prompted_ids, strict=False))
+    shared = next((i for i, (x, y) in pairs if x != y), min(len(ids), len(prompted_ids)))
+    common = offsets[shared - 1][1] if shared else 0
+    if full[:common] != prompted[:common] or u2 not in full[:common]:
+        raise ValueError("the generation prompt does not follow the last user turn")
+    close, generation_prompt, full = full[common:], prompted[common:], full[:common]
     before_s, rest = full.split(s, 1)
     s_to_u, rest = rest.split(u, 1)
     u_to_a, rest = rest.split(a, 1)
-    a_to_u2, after_u2 = rest.split(u2, 1)
+    a_to_u2, user_end = rest.split(u2, 1)
+    assistant_end = render(chat[:3]).split(a, 1)[1].removesuffix(close)
+    if not (u_to_a.startswith(user_end) and a_to_u2.startswith(assistant_end)):
+        raise ValueError("a turn is followed by text that depends on the next turn")
+    user_prefix = a_to_u2[len(assistant_end):]
     bos = tokenizer.bos_token or ""
     head = bos if bos and before_s.startswith(bos) else ""
-    end = after_u2  # a user turn's end; assumed the same for the assistant
-    if not (a_to_u2.startswith(end) and u_to_a.startswith(end)):
-        raise ValueError("turns of different roles end differently")
-    user_prefix = a_to_u2[len(end):]
+    prefix = {"user": user_prefix, "assistant": u_to_a[len(user_end):]}
+    suffix = {"user": user_end, "assistant": assistant_end}
+    if before_s == head + user_prefix:  # no system turn: the system prompt opens the first user message
+        return TurnTemplate(head=head, prefix=prefix, suffix=suffix, generation_prompt=generation_prompt,
+                            close=close, fold=s_to_u)
     if not s_to_u.endswith(user_prefix):
-        raise ValueError("the system turn is not followed by a user turn as the assistant's is")
-    return TurnTemplate(
-        head=head,
-        prefix={"system": before_s[len(head):], "user": user_prefix, "assistant": u_to_a[len(end):]},
-        suffix={"system": s_to_u[:len(s_to_u) - len(user_prefix)], "user": end, "assistant": end},
-        generation_prompt=prompted[len(full):],
-    )
+        raise ValueError("the system turn is not followed by the user turn as an assistant turn is")
+    return TurnTemplate(head=head, prefix={"system": before_s[len(head):], **prefix},
+                        suffix={"system": s_to_u[:len(s_to_u) - len(user_prefix)], **suffix},
+                        generation_prompt=generation_prompt, close=close)
 
 
 def check_conversations(system_prompt: str | None) -> list[list[dict]]:
     """The conversations a Modelfile template must render as the chat template does: system + user (+ assistant,
-    + another user turn), with the run's system prompt and with the probe words."""
+    + another user turn), with the run's system prompt and with the probe words. A conversation that ends with a
+    user turn is rendered with the generation prompt, as Ollama renders a prompt."""
     chats = []
     for system, user, answer in ((PROBE["system"], PROBE["user"], PROBE["assistant"]),
                                  (system_prompt, "What should I check first?", "Start with the basics.")):
@@ -304,21 +335,20 @@ def check_conversations(system_prompt: str | None) -> list[list[dict]]:
 
 
 def turn_template(tokenizer, system_prompt: str | None) -> TurnTemplate:
-    """`split_template`, checked: it must render every conversation of `check_conversations` (with and without
-    the generation prompt) exactly as the chat template does, else a one-line error."""
+    """`split_template`, checked: it must render every conversation of `check_conversations` exactly as the chat
+    template does, else a one-line error."""
     try:
         template = split_template(tokenizer)
     except ValueError as e:
         raise RecipeError(f"the chat template cannot be written as an Ollama template ({e}); use llama.cpp, "
                           "which reads the template from the GGUF") from None
     for chat in check_conversations(system_prompt):
-        for add in (False, True):
-            expected = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=add)
-            if template.render(chat, add) != expected:
-                raise RecipeError(f"the chat template cannot be written as an Ollama template: for {len(chat)} "
-                                  f"turns it renders {expected!r}, the derived template "
-                                  f"{template.render(chat, add)!r}; use llama.cpp, which reads the template "
-                                  "from the GGUF")
+        expected = tokenizer.apply_chat_template(chat, tokenize=False,
+                                                 add_generation_prompt=chat[-1]["role"] != "assistant")
+        if template.render(chat) != expected:
+            raise RecipeError(f"the chat template cannot be written as an Ollama template: for {len(chat)} turns "
+                              f"it renders {expected!r}, the derived template {template.render(chat)!r}; use "
+                              "llama.cpp, which reads the template from the GGUF")
     return template
 
 

@@ -17,7 +17,6 @@ checks: the prompt tokens llama.cpp builds from the GGUF's chat template are tra
 within the tolerance of the quantisation; for f16, greedy answers are identical. The results go to gguf_check.json.
 """
 
-import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from lora_recipes.inference import (  # noqa: E402
     read_json,
 )
 from lora_recipes.run_card import write_json  # noqa: E402
+from lora_recipes.templates import end_of_turn_token, has_generation_markers  # noqa: E402
 from recipes.merge import CHECK_PROMPTS, MergeArguments  # noqa: E402
 from recipes.merge import main as merge  # noqa: E402
 
@@ -52,7 +52,6 @@ BOUNDS = {
     "q4_k_m": {},
 }
 GREEDY_TOKENS = 20  # the greedy answers compared for f16
-GENERATION_MARKER = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")  # training-only tags of the chat template
 
 
 @dataclass
@@ -145,13 +144,9 @@ def main(args: ExportArguments) -> dict:
             merge(MergeArguments(adapter=str(adapter.path), output_dir=str(merged_dir),
                                  base_model=args.base_model))
         tokenizer = load_tokenizer(merged_dir)
-        if GENERATION_MARKER.search(tokenizer.chat_template):
-            # The GGUF carries the plain template (llama.cpp's Jinja has no {% generation %} tag)
-            if args.merged:
-                raise RecipeError(f"{merged_dir}: its chat template still has the training markers "
-                                  "({% generation %}): merge again with recipes/merge.py")
-            tokenizer.chat_template = GENERATION_MARKER.sub("", tokenizer.chat_template)
-            tokenizer.save_pretrained(merged_dir)
+        if has_generation_markers(tokenizer.chat_template):  # a merge from before merge.py wrote the plain one
+            raise RecipeError(f"{merged_dir}: its chat template still has the training tags ({{% generation %}}), "
+                              "which llama.cpp and Ollama reject: merge again with recipes/merge.py")
         system_prompt = adapter.system_prompt
         # The Modelfile's template is checked before any conversion: a template Ollama cannot take fails fast
         template = gguf.turn_template(tokenizer, system_prompt)
@@ -194,7 +189,7 @@ def main(args: ExportArguments) -> dict:
             adapter_files = (base_file.name, lora_file.name)
 
     # 6. Ollama Modelfiles: the training chat template as a Go template, its end-of-turn token, the system prompt
-    stop = tokenizer.eos_token
+    stop = end_of_turn_token(tokenizer)
     (output_dir / "Modelfile").write_text(gguf.modelfile(model_file.name, template, stop, system_prompt),
                                           encoding="utf-8")
     if adapter_files:

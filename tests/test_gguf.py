@@ -13,8 +13,17 @@ from conftest import REPO_ROOT, TINY_MODEL
 
 from lora_recipes import gguf
 from lora_recipes.errors import RecipeError
-from lora_recipes.inference import conversation, conversation_logits, from_pretrained, load_tokenizer, read_json
+from lora_recipes.inference import (
+    conversation,
+    conversation_logits,
+    from_pretrained,
+    load_tokenizer,
+    plain_chat_template,
+    read_json,
+)
 from lora_recipes.llama_cpp_convert import gpt2_split
+from lora_recipes.templates import training_chat_template
+from lora_recipes.tiny_model import FAMILIES
 from recipes import export_gguf, merge
 from recipes.merge import CHECK_PROMPTS
 
@@ -200,21 +209,32 @@ def go_render(renderer, template: str, messages: list[dict], tmp_path) -> str:
                           check=True).stdout
 
 
-TOKENIZER_FAMILIES = {"chatml-tiny": TINY_MODEL}
-
-
-@pytest.mark.parametrize("family", sorted(TOKENIZER_FAMILIES))
-def test_modelfile_template_renders_like_the_chat_template(family, go_renderer, tmp_path):
-    """Go's text/template renders the Modelfile's template for system + user (+ assistant) exactly as the Jinja chat
-    template renders it (less the BOS token the runtime adds)."""
+@pytest.fixture(scope="session")
+def family_tokenizers(family_models):
+    """Per tokenizer family, the tokenizer with the template a merged model ships: the training template (as the
+    recipes choose it), without its {% generation %} tags."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_FAMILIES[family])
+    tokenizers = {}
+    for name, folder in {"tiny-chatml": TINY_MODEL, **family_models}.items():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        template, _ = training_chat_template(tokenizer, name, assistant_only_loss=True)
+        tokenizer.chat_template = plain_chat_template(template)
+        tokenizers[name] = tokenizer
+    return tokenizers
+
+
+@pytest.mark.parametrize("family", ["tiny-chatml", *FAMILIES])
+def test_modelfile_template_renders_like_the_chat_template(family, family_tokenizers, go_renderer, tmp_path):
+    """Go's text/template renders the Modelfile's template for system + user (+ assistant) exactly as the Jinja chat
+    template renders it (less the BOS token the runtime adds)."""
+    tokenizer = family_tokenizers[family]
     system = "You are a careful assistant.\nAnswer briefly."
     template = gguf.turn_template(tokenizer, system)
     chat = [{"role": "system", "content": system}, {"role": "user", "content": "Is 38.5 C a fever?"},
-            {"role": "assistant", "content": "Yes: above 38 C.\n\nRest and drink."}]
-    for messages, add in ((chat, False), (chat[:2], True)):
+            {"role": "assistant", "content": "Yes: above 38 C.\n\nRest and drink."},
+            {"role": "user", "content": "And 37.9 C?"}]
+    for messages, add in ((chat[:3], False), (chat[:2], True), (chat, True)):  # as Ollama renders them
         expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
         assert template.head + go_render(go_renderer, template.go_template(), messages, tmp_path) == expected
 
