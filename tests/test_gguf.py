@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_MODEL
+from conftest import REPO_ROOT, TINY_MODEL, run_recipe
 
 from lora_recipes import gguf
 from lora_recipes.errors import RecipeError
@@ -22,7 +22,7 @@ from lora_recipes.inference import (
     read_json,
 )
 from lora_recipes.llama_cpp_convert import gpt2_split
-from lora_recipes.templates import training_chat_template
+from lora_recipes.templates import end_of_turn_token_id, training_chat_template
 from lora_recipes.tiny_model import FAMILIES
 from recipes import export_gguf, merge
 from recipes.merge import CHECK_PROMPTS
@@ -143,14 +143,18 @@ def test_f16_gguf_matches_merged_model(f16_export, merged_tiny):
 
 
 def test_generation_stops_at_the_end_of_turn_token(f16_export, merged_tiny):
-    """llama.cpp ends generation at the chat template's end-of-turn token, as transformers does."""
+    """llama.cpp ends generation at the chat template's end-of-turn token and at no ordinary token: a chat completion
+    whose first token is pushed to the end-of-turn token stops there, with nothing said."""
     output_dir, _ = f16_export
     tokenizer = load_tokenizer(merged_tiny)
-    end_of_turn = tokenizer.eos_token_id
+    end_of_turn = end_of_turn_token_id(tokenizer)
     with gguf.GGUFModel(output_dir / "model-f16.gguf") as llm:
         assert llm.is_end_of_generation(end_of_turn)
         assert not any(llm.is_end_of_generation(t) for t in tokenizer.encode("Start with the basics."))
-        assert llm.llm.token_eos() == end_of_turn
+        completion = llm.llm.create_chat_completion(
+            conversation(CHECK_PROMPTS[0], None), temperature=0.0, max_tokens=8, logit_bias={end_of_turn: 100.0})
+    assert completion["choices"][0]["finish_reason"] == "stop"
+    assert completion["usage"]["completion_tokens"] == 0 and completion["choices"][0]["message"]["content"] == ""
 
 
 def test_quantized_gguf_reported_and_bounded(q8_export, f16_export, merged_tiny, tmp_path):
@@ -306,3 +310,47 @@ def test_converters_unreachable(monkeypatch, tmp_path):
     with pytest.raises(RecipeError) as e:
         gguf.converter_dir()
     assert "cannot download llama.cpp's converters" in str(e.value) and "\n" not in str(e.value)
+
+
+# The real small model ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_export(real_model, tmp_path_factory):
+    """A short QLoRA run on SmolLM2-135M-Instruct (the medical recipe), exported as f16 with its GGUF LoRA."""
+    root = tmp_path_factory.mktemp("real-gguf")
+    proc = run_recipe("recipes/sft_medical.py", "--config", "recipes/configs/medical_smoke.yaml",
+                      "--model_name_or_path", str(real_model), "--output_dir", str(root / "adapter"),
+                      "--max_steps", "4", "--learning_rate", "2e-4", "--per_device_train_batch_size", "2",
+                      "--max_length", "256", "--eval_strategy", "no", "--save_strategy", "no",
+                      "--eval_after_training", "false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merge.run(["--adapter", str(root / "adapter"), "--output_dir", str(root / "merged")])
+    proc = export("--adapter", str(root / "adapter"), "--output_dir", str(root / "gguf"), "--quantization", "f16",
+                  "--lora_adapter", "--merged", str(root / "merged"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+def test_real_model_gguf_matches_and_stops(real_export):
+    """SmolLM2-135M-Instruct + a medical adapter: the export's own check held (prompt tokens, logits, greedy answers,
+    the LoRA on the base), and a full greedy answer from llama.cpp is transformers' and ends at the end-of-turn
+    token."""
+    record = read_json(real_export / "gguf" / "gguf_check.json")
+    bound = export_gguf.BOUNDS["f16"]["max_logit_difference"]
+    for check in record["checks"]:
+        assert check["max_logit_difference"] <= bound and check["greedy_identical"] == check["greedy_prompts"] == 3
+        print(f"real model {check['file']} + {check['lora']}: {check}")
+    tokenizer, chats, ids, _, model = reference(real_export / "merged")
+    end_of_turn = end_of_turn_token_id(tokenizer)
+    chat = conversation("What is a normal adult resting heart rate? One sentence.", chats[0][0]["content"])
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    with gguf.GGUFModel(real_export / "gguf" / "model-f16.gguf") as llm:
+        assert llm.chat_prompt_ids(chat) == prompt["input_ids"]
+        answer = llm.greedy(prompt["input_ids"], 200)
+    expected = model.generate(torch.tensor([prompt["input_ids"]]), do_sample=False, max_new_tokens=200,
+                              eos_token_id=end_of_turn, pad_token_id=tokenizer.pad_token_id)[0]
+    assert answer == expected[len(prompt["input_ids"]):].tolist()
+    assert answer[-1] == end_of_turn and end_of_turn not in answer[:-1]
+    print(f"real model answer ({len(answer)} tokens): {tokenizer.decode(answer)!r}")
