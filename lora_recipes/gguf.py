@@ -7,7 +7,6 @@ The Ollama Modelfile's Go template is derived from the training chat template an
 """
 
 import ast
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RecipeError
+from .real_model import sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # the runtime (requirements.txt) and the converters' source: one pin
@@ -35,14 +35,6 @@ PROBE = {"system": "SYSTEMPROBE", "user": "USERPROBE", "assistant": "ASSISTANTPR
 def cache_dir() -> Path:
     """Where the converters are kept: $LORA_RECIPES_CACHE, else ~/.cache/lora-recipes."""
     return Path(os.environ.get("LORA_RECIPES_CACHE") or Path.home() / ".cache" / "lora-recipes")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def converter_dir() -> Path:
