@@ -125,13 +125,13 @@ def main(args: ExportArguments) -> dict:
     output_dir = Path(args.output_dir)
     if output_dir.resolve() == adapter.path.resolve():
         raise RecipeError("--output_dir is the adapter folder: choose another folder for the GGUF files")
-    gguf.llama_cpp()
     converters = gguf.converter_dir()
     from transformers import AutoConfig
 
     gguf.check_architecture(AutoConfig.from_pretrained(adapter.base_model, revision=adapter.model_args.model_revision,
                                                        trust_remote_code=adapter.run_card["trust_remote_code"]),
                             converters)
+    gguf.llama_cpp()
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
         # 2. The verified dequant-then-merge model (recipes/merge.py), reused with --merged
