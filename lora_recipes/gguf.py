@@ -216,7 +216,8 @@ class TurnTemplate:
     """A chat template as Ollama needs it: per role, the text before and after the content; what starts the
     assistant's answer after a user turn, and what closes a conversation that ends with an answer (Phi-3's EOS);
     `fold`: for a template without a system role, what joins the system prompt to the first user message instead.
-    `head` is the BOS token where the template writes it (the runtime adds it, so the Go template leaves it out)."""
+    `head` is the BOS token where the template writes it and the tokenizer adds it (so does the runtime, and the Go
+    template leaves it out)."""
 
     head: str
     prefix: dict[str, str]
@@ -297,8 +298,11 @@ def split_template(tokenizer) -> TurnTemplate:
     if not (u_to_a.startswith(user_end) and a_to_u2.startswith(assistant_end)):
         raise ValueError("a turn is followed by text that depends on the next turn")
     user_prefix = a_to_u2[len(assistant_end):]
+    # The BOS the template writes is left to the runtime only where the tokenizer adds it itself (SmolLM2's BOS is
+    # <|im_start|>, which its template writes as the start of the first turn and its tokenizer does not add)
     bos = tokenizer.bos_token or ""
-    head = bos if bos and before_s.startswith(bos) else ""
+    adds_bos = bool(bos) and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    head = bos if adds_bos and before_s.startswith(bos) else ""
     prefix = {"user": user_prefix, "assistant": u_to_a[len(user_end):]}
     suffix = {"user": user_end, "assistant": assistant_end}
     if before_s == head + user_prefix:  # no system turn: the system prompt opens the first user message

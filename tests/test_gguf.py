@@ -237,11 +237,7 @@ def family_tokenizers(family_models):
     return tokenizers
 
 
-@pytest.mark.parametrize("family", ["tiny-chatml", *FAMILIES])
-def test_modelfile_template_renders_like_the_chat_template(family, family_tokenizers, go_renderer, tmp_path):
-    """Go's text/template renders the Modelfile's template for system + user (+ assistant) exactly as the Jinja chat
-    template renders it (less the BOS token the runtime adds)."""
-    tokenizer = family_tokenizers[family]
+def assert_go_template_renders_like_jinja(tokenizer, go_renderer, tmp_path):
     system = "You are a careful assistant.\nAnswer briefly."
     template = gguf.turn_template(tokenizer, system)
     chat = [{"role": "system", "content": system}, {"role": "user", "content": "Is 38.5 C a fever?"},
@@ -250,6 +246,23 @@ def test_modelfile_template_renders_like_the_chat_template(family, family_tokeni
     for messages, add in ((chat[:3], False), (chat[:2], True), (chat, True)):  # as Ollama renders them
         expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
         assert template.head + go_render(go_renderer, template.go_template(), messages, tmp_path) == expected
+
+
+@pytest.mark.parametrize("family", ["tiny-chatml", *FAMILIES])
+def test_modelfile_template_renders_like_the_chat_template(family, family_tokenizers, go_renderer, tmp_path):
+    """Go's text/template renders the Modelfile's template for system + user (+ assistant) exactly as the Jinja chat
+    template renders it (less the BOS token the runtime adds)."""
+    assert_go_template_renders_like_jinja(family_tokenizers[family], go_renderer, tmp_path)
+
+
+def test_modelfile_template_of_the_real_model(real_model, go_renderer, tmp_path):
+    """SmolLM2's BOS token is <|im_start|>, which its template writes and its tokenizer does not add: the Go
+    template must write it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    assert gguf.turn_template(tokenizer, None).head == ""
+    assert_go_template_renders_like_jinja(tokenizer, go_renderer, tmp_path)
 
 
 def test_modelfile_from_the_run(q8_export, medical_smoke_run, go_renderer, tmp_path):
