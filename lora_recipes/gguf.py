@@ -198,7 +198,7 @@ def compare_logits(reference: list, candidate: list) -> dict:
 
     difference, agree, kl, positions = 0.0, 0, 0.0, 0
     for ref, cand in zip(reference, candidate, strict=True):
-        ref, cand = torch.as_tensor(ref).float(), torch.as_tensor(cand).float()
+        ref, cand = (torch.as_tensor(x).float().reshape(-1, x.shape[-1]) for x in (ref, cand))  # [positions, vocab]
         difference = max(difference, (ref - cand).abs().max().item())
         agree += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
         log_p, log_q = ref.log_softmax(-1), cand.log_softmax(-1)

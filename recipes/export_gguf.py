@@ -43,11 +43,12 @@ from lora_recipes.templates import end_of_turn_token, has_generation_markers  # 
 from recipes.merge import CHECK_PROMPTS, MergeArguments  # noqa: E402
 from recipes.merge import main as merge  # noqa: E402
 
-# What a GGUF must meet, by quantisation. f16: its logits are transformers' up to f16 rounding of the weights
-# (measured 0.02-0.04 on SmolLM2-135M; the tiny model's are smaller), and greedy answers must be identical.
+# What a GGUF must meet, by quantisation. f16: its logits are transformers' up to f16 rounding of the weights and
+# llama.cpp's f16 arithmetic (measured up to 0.17 over every prompt position on SmolLM2-135M, whose logits reach
+# 30: f16 keeps 11 significant bits), and greedy answers must be identical.
 # q8_0: the top token nearly always the same and a small KL (measured: README). q4_k_m: reported, not bounded.
 BOUNDS = {
-    "f16": {"max_logit_difference": 0.1},
+    "f16": {"max_logit_difference": 0.25},
     "q8_0": {"min_top1_agreement": 0.9, "max_mean_kl": 0.05},
     "q4_k_m": {},
 }
