@@ -22,7 +22,7 @@ from .errors import RecipeError
 from .real_model import sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # the runtime (requirements-gguf.txt) and the converters' source: one pin
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # runtime (requirements-gguf.txt) and converters' source: one pin
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"  # PyPI's sha256 of its sdist
 CONVERTER_PATHS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
 QUANTIZATIONS = ("f16", "q8_0", "q4_k_m")

@@ -91,7 +91,7 @@ def reference(merged_dir):
 
 def test_converters_come_from_the_pinned_sdist(converters):
     assert (converters / "convert_hf_to_gguf.py").is_file() and (converters / "gguf-py" / "gguf").is_dir()
-    assert gguf.LLAMA_CPP_PYTHON in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+    assert gguf.LLAMA_CPP_PYTHON in (REPO_ROOT / "requirements-gguf.txt").read_text().splitlines()
     assert {"LlamaForCausalLM", "Qwen2ForCausalLM"} <= gguf.supported_architectures(converters)
 
 
