@@ -325,12 +325,12 @@ def test_unsupported_architecture(medical_smoke_run, tmp_path):
 
 
 def test_missing_bindings_and_toolchain(monkeypatch):
-    """Without llama-cpp-python and without cmake: say to install both, with the pinned version."""
+    """Without llama-cpp-python and without cmake: say to install both, from the file that pins it."""
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     monkeypatch.setattr(shutil, "which", lambda tool: None if tool == "cmake" else f"/usr/bin/{tool}")
     with pytest.raises(RecipeError) as e:
         gguf.llama_cpp()
-    assert "install cmake" in str(e.value) and f"pip install {gguf.LLAMA_CPP_PYTHON}" in str(e.value)
+    assert "install cmake" in str(e.value) and "pip install -r requirements-gguf.txt" in str(e.value)
 
 
 def test_converters_unreachable(monkeypatch, tmp_path):
