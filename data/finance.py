@@ -15,10 +15,9 @@ SYSTEM_PROMPT = (
     "states; say so when it does not contain the answer. This is not investment advice."
 )
 EVAL_ONLY = ()
+# No standard finance set loads from the Hub with current `datasets`: the held-out split is scored, sentiment as a
+# classification over these labels (the sentiment schemas' task)
 SENTIMENTS = ("negative", "neutral", "positive")  # also the order of the Hub phrasebank's class ids 0, 1, 2
-# no standard finance set loads from the Hub with current `datasets`: the held-out split is scored, sentiment as a
-# classification over these labels
-CLASS_LABELS = [SENTIMENTS]
 # One instruction for every sentiment source: FinGPT's own instructions list seven graded classes on some rows, which
 # the normalised label no longer matches, and a shared prompt lets the same sentence deduplicate across sources.
 SENTIMENT_QUESTION = "What is the sentiment of this financial text? Answer negative, neutral or positive."
@@ -77,9 +76,10 @@ def ticker(example: dict) -> str:
 
 
 SCHEMAS = [
-    Schema("fingpt_sentiment", {"input": str, "output": str, "instruction": str}, fingpt_sentiment_to_messages),
-    Schema("phrasebank", {"sentence": str, "label": (str, int)}, phrasebank_to_messages),
+    Schema("fingpt_sentiment", {"input": str, "output": str, "instruction": str}, fingpt_sentiment_to_messages,
+           task=SENTIMENTS),
+    Schema("phrasebank", {"sentence": str, "label": (str, int)}, phrasebank_to_messages, task=SENTIMENTS),
     Schema("financial_qa", {"question": str, "answer": str, "context": str, "ticker": str, "filing": str},
-           financial_qa_to_messages, split_key=ticker),
+           financial_qa_to_messages, split_key=ticker, task="open"),
     MESSAGES,
 ]

@@ -70,8 +70,9 @@ def law_stackexchange_to_messages(example: dict) -> dict:
 
 
 SCHEMAS = [
-    Schema("case_hold", {"context": str, "endings": list, "label": int}, case_hold_to_messages),
+    Schema("case_hold", {"context": str, "endings": list, "label": int}, case_hold_to_messages,
+           task="multiple_choice"),
     Schema("law_stackexchange", {"question_title": str, "question_body": str, "answers": list},
-           law_stackexchange_to_messages),
+           law_stackexchange_to_messages, task="open"),
     MESSAGES,
 ]

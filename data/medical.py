@@ -21,7 +21,7 @@ EVAL_SETS = [
     EvalSet("medqa", "GBaker/MedQA-USMLE-4-options", "test"),  # 1,273 USMLE questions, 4 options
     EvalSet("medmcqa", "openlifescienceai/medmcqa", "validation"),  # 4,183 questions (the test split has no labels)
     # 1,000 expert-labelled abstracts; `train` is the set's only split, and EVAL_ONLY keeps it out of training
-    EvalSet("pubmedqa", "qiaojin/PubMedQA:pqa_labeled", "train", labels=("Yes", "No", "Maybe")),
+    EvalSet("pubmedqa", "qiaojin/PubMedQA:pqa_labeled", "train"),
 ]
 LETTERS = "ABCD"
 
@@ -75,11 +75,13 @@ def flashcards_to_messages(example: dict) -> dict:
 
 
 SCHEMAS = [
-    Schema("medqa", {"question": str, "options": dict, "answer_idx": str}, medqa_to_messages),
+    Schema("medqa", {"question": str, "options": dict, "answer_idx": str}, medqa_to_messages,
+           task="multiple_choice"),
     Schema("medmcqa", {"question": str, "opa": str, "opb": str, "opc": str, "opd": str, "cop": int,
-                       "exp": (str, type(None))}, medmcqa_to_messages),
+                       "exp": (str, type(None))}, medmcqa_to_messages, task="multiple_choice"),
     Schema("pubmedqa", {"question": str, "context": dict, "long_answer": str, "final_decision": str},
-           pubmedqa_to_messages),
-    Schema("flashcards", {"input": str, "output": str}, flashcards_to_messages),
+           pubmedqa_to_messages, task=("Yes", "No", "Maybe")),
+    # open even when an answer starts with Yes or No ("No, because of Reye syndrome.")
+    Schema("flashcards", {"input": str, "output": str}, flashcards_to_messages, task="open"),
     MESSAGES,
 ]

@@ -64,6 +64,10 @@ class Schema:
     to_messages: Callable[[dict], dict]
     # rows of one group (a company's filings) land on the same side of the split; None: split by prompt
     split_key: Callable[[dict], str] | None = None
+    # How evaluation scores its answers: "multiple_choice" (a lettered options block, answer `C. ...`), a label set
+    # ("Yes", "No", "Maybe": a classification, the answer starts with one) or "open"; None: told by each answer's
+    # text (data in chat form, whose source declares nothing)
+    task: str | tuple[str, ...] | None = None
 
     def describe(self) -> str:
         return f"{self.name} ({', '.join(self.fields)})"
@@ -448,16 +452,16 @@ def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int
         messages = schema.to_messages(row)["messages"]
         validate_messages(messages)
     except DropRow as reason:
-        return {"messages": [], "split_key": "", "drop_reason": str(reason)}
+        return {"messages": [], "split_key": "", "drop_reason": str(reason), "schema": schema.name}
     except FieldError as e:
         raise RecipeError(f"{source}: row {index + row_offset}: {e}") from None
     split_key = schema.split_key(row) if schema.split_key else ""  # "": split by prompt (prepare_data)
-    return {"messages": messages, "split_key": split_key, "drop_reason": ""}
+    return {"messages": messages, "split_key": split_key, "drop_reason": "", "schema": schema.name}
 
 
 def _convert_batch(batch: dict, indices: list[int], schema: Schema, source: str, row_offset: int) -> dict:
     """`_convert` over a batch of rows: `datasets` pays its per-call overhead once per batch, not once per row."""
-    out = {"messages": [], "split_key": [], "drop_reason": []}
+    out = {"messages": [], "split_key": [], "drop_reason": [], "schema": []}
     for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
         converted = _convert(dict(zip(batch, values, strict=True)), index, schema, source, row_offset)
         for key, value in converted.items():
@@ -483,12 +487,12 @@ def _converted_features():
     from datasets import Features, List, Value
 
     return Features({"messages": List({"role": Value("string"), "content": Value("string")}),
-                     "split_key": Value("string"), "drop_reason": Value("string")})
+                     "split_key": Value("string"), "drop_reason": Value("string"), "schema": Value("string")})
 
 
 def _load_source(source: Source, schemas: list[Schema], max_rows: int | None, num_proc: int | None):
-    """Convert one source (a Hub one with its split resolved); returns (Dataset of messages/split_key/drop_reason,
-    schema name)."""
+    """Convert one source (a Hub one with its split resolved); returns (Dataset of
+    messages/split_key/drop_reason/schema, schema name)."""
     from datasets import Dataset, concatenate_datasets
     from tqdm.auto import tqdm
 
@@ -529,13 +533,14 @@ def _load_source(source: Source, schemas: list[Schema], max_rows: int | None, nu
     return converted, schema.name
 
 
-def load_converted(source: str, schemas: list[Schema], split: str = "train") -> tuple[list[list[dict]], SourceReport]:
-    """One source converted to chat messages, neither deduplicated nor split: how an evaluation set is read. A Hub
-    source reads `split` unless it names its own."""
+def load_converted(source: str, schemas: list[Schema], split: str = "train") -> tuple[list[dict], SourceReport]:
+    """One source converted to {messages, schema} rows, neither deduplicated nor split: how an evaluation set is
+    read. A Hub source reads `split` unless it names its own."""
     parsed = parse_source(source).with_split(split)
     converted, schema_name = _load_source(parsed, schemas, None, None)
     drops = Counter(example["drop_reason"] for example in converted if example["drop_reason"])
-    kept = [example["messages"] for example in converted if not example["drop_reason"]]
+    kept = [{"messages": example["messages"], "schema": example["schema"]} for example in converted
+            if not example["drop_reason"]]
     report = SourceReport(source=str(parsed), schema=schema_name, read=len(converted), kept=len(kept),
                           dropped=dict(drops.most_common()))
     return kept, report
@@ -736,6 +741,8 @@ def prepare_data(
                           "the eval split; lower eval_fraction or add data")
     return PreparedData(
         train=Dataset.from_list([{"messages": e["messages"]} for e in train_rows]),
-        eval=Dataset.from_list([{"messages": e["messages"]} for e in eval_rows]) if eval_rows else None,
+        # the schema tells evaluation how to score an eval row (Schema.task)
+        eval=Dataset.from_list([{"messages": e["messages"], "schema": e["schema"]} for e in eval_rows])
+        if eval_rows else None,
         sources=reports,
     )

@@ -1,21 +1,24 @@
 """Did the fine-tuning help? The base model and the adapter side by side, per task, with bootstrap intervals.
 
-Every example is a chat from a domain converter (system/user/assistant); its last assistant turn decides the task:
+Every example is a chat from a domain converter (system/user/assistant); its last assistant turn is the reference,
+and the source's schema declares the task (`Schema.task`; chats in `messages` form, which declare nothing, are told
+by their text: lettered options and a letter answer, else an answer that starts with one of the domain's labels):
 
-    multiple choice  the prompt lists lettered options and the answer is `C. <option text>` (or just `C`): accuracy,
-                     the model's pick being the letter (`A.`, `B.`, ...) with the highest log-likelihood given the
-                     prompt, as the standard harnesses score MedQA and MedMCQA (no bias towards short options)
-    classification   the answer starts with a label of one of the domain's label sets (PubMedQA Yes/No/Maybe, ...):
-                     accuracy, macro-F1 and weighted F1, the pick being the label with the highest log-likelihood
-    open answer      anything else: ROUGE-L and token F1 of greedy generations against the reference, and the
-                     per-token loss of the reference answer (lower is better)
+    multiple choice  the prompt ends with a block of lettered options and the answer is `C. <option text>` (or just
+                     `C`): accuracy, the model's pick being the letter (`A.`, `B.`, ...) with the highest
+                     log-likelihood given the prompt, as the standard harnesses score MedQA and MedMCQA (no bias
+                     towards short options)
+    classification   the answer starts with one of the schema's labels (PubMedQA Yes/No/Maybe, ...): accuracy,
+                     macro-F1 and weighted F1, the pick being the label with the highest log-likelihood
+    open answer      ROUGE-L and token F1 of greedy generations against the reference, and the per-token loss of
+                     the reference answer (lower is better)
 
 The base numbers come from the same model with the adapter switched off, so the (4-bit) base loads once. Scoring runs
 in bounded batches and keeps the logits of one batch's scored tokens only. Every metric gets a 95% percentile
 bootstrap interval over examples (seeded), and the paired difference adapter - base resamples the same examples.
 
-A domain module declares its standard evaluation sets as `EVAL_SETS = [EvalSet(...), ...]`; classification label
-sets come from there too, so a new domain only adds that list.
+A domain module declares its standard evaluation sets as `EVAL_SETS = [EvalSet(...), ...]`, and each schema's task
+in `SCHEMAS`, so a new domain only adds those.
 """
 
 import importlib
@@ -33,7 +36,8 @@ from .model import describe_quantization
 
 CONFIDENCE = 0.95
 ARTICLES = {"a", "an", "the"}
-OPTION_LINE = re.compile(r"^\s*([A-J])[.)]\s+(.+?)\s*$", re.MULTILINE)
+LETTERS = "ABCDEFGHIJ"
+OPTION_LINE = re.compile(r"\s*([A-J])[.)]\s+(.+?)\s*")  # one line of the options block: `C. text` or `C) text`
 LETTER_ANSWER = re.compile(r"^([A-J])(?:([.):])(?:\s|$)|\n|$)")  # `C`, `C.`, `C. text`, but not `A word`
 HEADLINE = {"multiple_choice": "accuracy", "classification": "accuracy", "open": "rouge_l"}
 LOWER_IS_BETTER = {"loss"}
@@ -41,12 +45,11 @@ LOWER_IS_BETTER = {"loss"}
 
 @dataclass(frozen=True)
 class EvalSet:
-    """A domain's standard evaluation set: a Hub dataset, the split to read, and the labels of a classification."""
+    """A domain's standard evaluation set: a Hub dataset and the split to read (its schema declares the task)."""
 
     name: str  # the task name in the report
     source: str  # Hub id or ID:CONFIG
     split: str  # the standard evaluation split; never one that the recipe trains on
-    labels: tuple[str, ...] = ()  # classification: every answer starts with one of these
 
 
 @dataclass
@@ -125,25 +128,70 @@ def _same_case(label: str, seen: str) -> str:
     return label.lower()
 
 
-def to_item(messages: list[dict], label_sets: list[tuple[str, ...]]) -> tuple[str, Item]:
-    """(kind, item) for one chat: its last assistant turn is the reference, everything before it the prompt."""
+def options_block(question: str) -> dict[str, str]:
+    """The lettered options (letter -> text): the last run of lines `A. text`, `B. text`, ... in letter order from A
+    (blank lines allowed between them). A letter line elsewhere (a CaseHOLD context's `I. Background`) is not one."""
+    runs, run = [], {}
+    for line in question.splitlines():
+        match = OPTION_LINE.fullmatch(line)
+        if match and len(run) < len(LETTERS) and match.group(1) == LETTERS[len(run)]:
+            run[match.group(1)] = match.group(2)
+        elif match or line.strip():
+            runs.append(run)
+            run = {match.group(1): match.group(2)} if match and match.group(1) == "A" else {}
+    runs.append(run)
+    return next((r for r in reversed(runs) if len(r) >= 2), {})
+
+
+def _choice_item(prompt: list[dict], reference: str) -> Item | None:
+    """A multiple-choice item, when the last user turn has an options block and the answer is one of its letters."""
+    question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    options = options_block(question)
+    letter = LETTER_ANSWER.match(reference)
+    if not (letter and letter.group(1) in options):
+        return None
+    chosen, separator = letter.group(1), letter.group(2) or ""
+    # The letter written as the answer writes it (`C.`): every candidate has the same length
+    return Item(prompt, reference, [f"{key}{separator}" for key in options], list(options).index(chosen),
+                [f"{k}. {v}" for k, v in options.items()])
+
+
+def _label_item(prompt: list[dict], reference: str, labels: tuple[str, ...]) -> Item | None:
+    """A classification item, when the answer starts with one of `labels` (as a whole word, in any case)."""
+    match = re.match(r"(" + "|".join(re.escape(label) for label in labels) + r")\b", reference, re.IGNORECASE)
+    if not match:
+        return None
+    candidates = [_same_case(label, match.group(1)) for label in labels]
+    return Item(prompt, reference, candidates, [label.lower() for label in labels].index(match.group(1).lower()))
+
+
+def to_item(messages: list[dict], label_sets: list[tuple[str, ...]], task: str | tuple[str, ...] | None = None
+            ) -> tuple[str, Item]:
+    """(kind, item) for one chat: its last assistant turn is the reference, everything before it the prompt.
+
+    `task` is what the source's schema declares (Schema.task); None (chats that declare nothing) tells the kind from
+    the text: an options block and a letter answer, else an answer starting with a label of `label_sets`, else open.
+    A declared task that the chat does not follow is a ValueError.
+    """
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     prompt, reference = messages[:last], messages[last]["content"].strip()
-    question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
-    options = dict(OPTION_LINE.findall(question))
-    letter = LETTER_ANSWER.match(reference)
-    if letter and len(options) >= 2 and letter.group(1) in options:
-        chosen, separator = letter.group(1), letter.group(2) or ""
-        # The letter written as the answer writes it (`C.`): every candidate has the same length
-        return "multiple_choice", Item(prompt, reference, [f"{key}{separator}" for key in options],
-                                       list(options).index(chosen), [f"{k}. {v}" for k, v in options.items()])
-    for labels in label_sets:
-        match = re.match(r"(" + "|".join(re.escape(label) for label in labels) + r")\b", reference, re.IGNORECASE)
-        if match:
-            candidates = [_same_case(label, match.group(1)) for label in labels]
-            answer = [label.lower() for label in labels].index(match.group(1).lower())
-            return "classification", Item(prompt, reference, candidates, answer)
-    return "open", Item(prompt, reference)
+    if task is None:
+        item = _choice_item(prompt, reference)
+        if item is not None:
+            return "multiple_choice", item
+        for labels in label_sets:
+            item = _label_item(prompt, reference, labels)
+            if item is not None:
+                return "classification", item
+        return "open", Item(prompt, reference)
+    if task == "open":
+        return "open", Item(prompt, reference)
+    item = _choice_item(prompt, reference) if task == "multiple_choice" else _label_item(prompt, reference, task)
+    if item is None:
+        expected = ("an options block and a letter answer" if task == "multiple_choice"
+                    else f"an answer starting with {' / '.join(task)}")
+        raise ValueError(f"expected {expected}, got the answer '{reference[:60]}'")
+    return "multiple_choice" if task == "multiple_choice" else "classification", item
 
 
 def eval_sets(domain: ModuleType) -> list[EvalSet]:
@@ -151,16 +199,18 @@ def eval_sets(domain: ModuleType) -> list[EvalSet]:
     return list(getattr(domain, "EVAL_SETS", ()))
 
 
-def build_tasks(name: str, chats, domain: ModuleType, limit: int | None, **task_fields) -> list[Task]:
-    """The chats of one source as tasks, one per kind of answer and label set: `name`, or `name/multiple_choice`,
-    `name/yes-no-maybe`, `name/open` when a source (a held-out split of a mixture) mixes them."""
-    # classification labels come from the standard sets, and from CLASS_LABELS for a domain whose labelled data has
-    # no standard set on the Hub (finance sentiment)
-    label_sets = [eval_set.labels for eval_set in eval_sets(domain) if eval_set.labels]
-    label_sets += list(getattr(domain, "CLASS_LABELS", ()))
+def build_tasks(name: str, rows, domain: ModuleType, limit: int | None, **task_fields) -> list[Task]:
+    """The converted rows ({messages, schema}) of one source as tasks, one per kind of answer and label set: `name`,
+    or `name/multiple_choice`, `name/yes-no-maybe`, `name/open` when a source (a held-out split of a mixture) mixes
+    them. Each row's schema declares its task; a row without one (chat data) is told by its text."""
+    declared = {schema.name: schema.task for schema in domain.SCHEMAS}
+    label_sets = list(dict.fromkeys(task for task in declared.values() if isinstance(task, tuple)))
     groups: dict[tuple[str, str], list[Item]] = {}
-    for messages in chats:
-        kind, item = to_item(messages, label_sets)
+    for index, row in enumerate(rows):
+        try:
+            kind, item = to_item(row["messages"], label_sets, declared.get(row.get("schema")))
+        except ValueError as e:  # a converter whose output does not match its schema's task
+            raise RecipeError(f"{name}: example {index + 1} ({row['schema']} schema): {e}") from None
         label = "-".join(item.options).lower() if kind == "classification" else kind
         groups.setdefault((kind, label), []).append(item)
     return [Task(name if len(groups) == 1 else f"{name}/{label}", kind, items[:limit], **task_fields)
@@ -189,11 +239,11 @@ def named_tasks(sources: list[str], domain: ModuleType, limit: int | None, train
             name, dataset, split = parse_hub_source(source, domain)
         name = source if name in names else name  # two files named alike keep their full paths apart
         names.add(name)
-        chats, report = load_converted(dataset, domain.SCHEMAS, split or "train")
+        rows, report = load_converted(dataset, domain.SCHEMAS, split or "train")
         trained_on = parse_source(dataset).with_split(split or "train").key in trained
         if trained_on:
             print(f"note: {source} is training data of this adapter: its numbers measure memorisation")
-        tasks += build_tasks(name, chats, domain, limit, source=source, split=split, dropped=report.dropped,
+        tasks += build_tasks(name, rows, domain, limit, source=source, split=split, dropped=report.dropped,
                              trained_on=trained_on)
     return tasks
 
@@ -203,12 +253,12 @@ def standard_tasks(domain: ModuleType, limit: int | None) -> tuple[list[Task], l
     tasks, skipped = [], []
     for eval_set in eval_sets(domain):
         try:
-            chats, report = load_converted(eval_set.source, domain.SCHEMAS, eval_set.split)
+            rows, report = load_converted(eval_set.source, domain.SCHEMAS, eval_set.split)
         except HubUnreachable as e:
             skipped.append(f"{eval_set.name}: {e}")
             print(f"skipped {skipped[-1]}")
             continue
-        tasks += build_tasks(eval_set.name, chats, domain, limit, source=eval_set.source, split=eval_set.split,
+        tasks += build_tasks(eval_set.name, rows, domain, limit, source=eval_set.source, split=eval_set.split,
                              dropped=report.dropped)
     return tasks, skipped
 
@@ -220,12 +270,73 @@ def _prompt_text(tokenizer, prompt: list[dict]) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def _answer_text(tokenizer, item: Item) -> str:
-    """The reference as the chat template writes it after the prompt, end-of-turn token included (as in training)."""
-    prompt = _prompt_text(tokenizer, item.prompt)
-    full = tokenizer.apply_chat_template(item.prompt + [{"role": "assistant", "content": item.reference}],
-                                         tokenize=False)
-    return full[len(prompt):] if full.startswith(prompt) else item.reference
+def _tokens(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered chat text, as `apply_chat_template(tokenize=True)` (and so training) encodes it."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _split_after_prompt(prompt: list[int], whole: list[int]) -> tuple[list[int], list[int]]:
+    """(context, continuation) of a prompt + continuation encoded together: the continuation is what follows the
+    encoded prompt (from where they diverge, when a token merges across the boundary), at least one token."""
+    from trl.data_utils import common_prefix_length
+
+    start = min(common_prefix_length(prompt, whole), len(whole) - 1)
+    return whole[:start], whole[start:]
+
+
+def option_requests(tokenizer, item: Item) -> list[tuple[list[int], list[int]]]:
+    """(context ids, option ids) per option, as training tokenizes an answer: the option is written as the assistant
+    turn of the conversation through the chat template and the whole text encoded; the option's tokens run from
+    where the text leaves the generation prompt (Mistral writes `[/INST] Yes`: training sees `▁Yes`, or `▁ Y es`)
+    to the option's last character, the context is every token before them. Encoded alone, `C.` would start with a
+    word boundary (`▁C`) that a SentencePiece tokenizer never puts after Phi-3's `<|assistant|>\\n`."""
+    import os
+
+    prompt_text = _prompt_text(tokenizer, item.prompt)
+    requests = []
+    for option in item.options:
+        text = tokenizer.apply_chat_template(item.prompt + [{"role": "assistant", "content": option}], tokenize=False)
+        begin = len(os.path.commonprefix([prompt_text, text]))
+        end = text.index(option, begin) + len(option)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        covering = [k for k, (first, last) in enumerate(encoded["offset_mapping"]) if last > begin and first < end]
+        ids = encoded["input_ids"]
+        requests.append((ids[:covering[0]], ids[covering[0]:covering[-1] + 1]))
+    return requests
+
+
+def reference_request(tokenizer, item: Item) -> tuple[list[int], list[int]]:
+    """(context ids, answer ids) of the reference as training tokenizes the conversation: the answer is the last
+    assistant turn's span of the assistant mask (its content and end-of-turn token). A template without generation
+    markers has no mask: then every token after the encoded prompt (what training without assistant_only_loss
+    learns)."""
+    from trl.chat_template_utils import has_generation_markers
+
+    masked = has_generation_markers(tokenizer.chat_template)
+    encoded = tokenizer.apply_chat_template(item.prompt + [{"role": "assistant", "content": item.reference}],
+                                            tokenize=True, return_dict=True, return_assistant_tokens_mask=masked)
+    ids, mask = encoded["input_ids"], encoded.get("assistant_masks", [])
+    if 1 in mask:
+        end = len(mask) - mask[::-1].index(1)
+        start = end - mask[:end][::-1].index(0) if 0 in mask[:end] else 0
+        return ids[:start], ids[start:end]
+    return _split_after_prompt(_tokens(tokenizer, _prompt_text(tokenizer, item.prompt)), ids)
+
+
+def choice_requests(tokenizer, items: list[Item], max_length: int) -> tuple[list, list[int], set[int]]:
+    """(requests, the item of each, the items whose prompt was cut) for the options of choice items: each item's
+    options share one context, cut from the left for the longest option, so that it is read once."""
+    requests, owners, truncated = [], [], set()
+    for index, item in enumerate(items):
+        options = option_requests(tokenizer, item)
+        longest = max(len(option) for _, option in options)
+        for context, option in options:
+            *request, cut = _fit(context, option, max_length - longest + len(option))
+            requests.append(request)
+            owners.append(index)
+            if cut:
+                truncated.add(index)
+    return requests, owners, truncated
 
 
 def _fit(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
@@ -235,15 +346,17 @@ def _fit(context: list[int], continuation: list[int], max_length: int) -> tuple[
     return context[-room:], continuation, len(context) > room
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int):
+def _pad(sequences: list[list[int]], pad_id: int, left: bool = True):
+    """(input_ids, attention_mask) of the sequences padded to one width, on the left (or the right)."""
     import torch
 
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
-        input_ids[row, width - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, width - len(sequence):] = 1
+        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        input_ids[row, span] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, span] = 1
     return input_ids, attention_mask
 
 
@@ -265,7 +378,7 @@ def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], ba
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             # The last continuation token is only ever predicted, so it is not part of the input
-            input_ids, attention_mask = _left_pad([requests[i][0] + requests[i][1][:-1] for i in batch], pad_id)
+            input_ids, attention_mask = _pad([requests[i][0] + requests[i][1][:-1] for i in batch], pad_id)
             keep = max(len(requests[i][1]) for i in batch)
             logits = model(
                 input_ids=input_ids.to(device),
@@ -281,25 +394,85 @@ def continuation_logprobs(model, requests: list[tuple[list[int], list[int]]], ba
     return scores
 
 
+def grouped_logprobs(model, requests: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                     desc: str = "scoring") -> list[float]:
+    """The sums of `continuation_logprobs`, reading each distinct context once (requests grouped by context, as
+    lm-evaluation-harness does): one forward of the context gives every continuation's first token, and the rest of
+    the continuations are scored together from its KV cache. A context with one continuation is one pass with it.
+
+    A forward holds at most `batch_size` continuations (at least one context's), longest contexts first.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (context, _) in enumerate(requests):
+        groups.setdefault(tuple(context), []).append(i)
+    alone = [members[0] for members in groups.values() if len(members) == 1]
+    scores = [0.0] * len(requests)
+    for i, score in zip(alone, continuation_logprobs(model, [requests[i] for i in alone], batch_size, pad_id, desc),
+                        strict=True):
+        scores[i] = score
+    # (context, its continuations), at most batch_size continuations each, longest contexts first
+    shared = sorted(((context, members[k:k + batch_size]) for context, members in groups.items() if len(members) > 1
+                     for k in range(0, len(members), batch_size)), key=lambda group: -len(group[0]))
+    device = next(model.parameters()).device
+    with torch.no_grad(), tqdm(total=len(requests) - len(alone), desc=desc, leave=False) as progress:
+        start = 0
+        while start < len(shared):
+            batch, rows = [], 0
+            while start < len(shared) and (not batch or rows + len(shared[start][1]) <= batch_size):
+                batch.append(shared[start])
+                rows += len(shared[start][1])
+                start += 1
+            input_ids, attention_mask = _pad([list(context) for context, _ in batch], pad_id)
+            output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True,
+                           logits_to_keep=1)
+            pairs = [(row, i) for row, (_, members) in enumerate(batch) for i in members]
+            first = output.logits[:, -1].float().log_softmax(-1)
+            picked = first[[row for row, _ in pairs], [requests[i][1][0] for _, i in pairs]].tolist()
+            for (_, i), score in zip(pairs, picked, strict=True):
+                scores[i] = score
+            rest = [(row, i) for row, i in pairs if len(requests[i][1]) > 1]
+            if rest:
+                # one row per continuation, on its context's cache: the continuation minus its last token goes in,
+                # right-padded (a pad after the tokens is never attended to by them)
+                owners = torch.tensor([row for row, _ in rest])
+                cache = output.past_key_values
+                cache.batch_select_indices(owners.to(device))
+                tails, tail_mask = _pad([requests[i][1][:-1] for _, i in rest], pad_id, left=False)
+                context_mask = attention_mask[owners]
+                positions = context_mask.sum(-1, keepdim=True) + torch.arange(tails.shape[1])
+                logits = model(input_ids=tails.to(device), attention_mask=torch.cat([context_mask, tail_mask], 1)
+                               .to(device), position_ids=positions.to(device), past_key_values=cache,
+                               use_cache=True).logits
+                for k, (_, i) in enumerate(rest):
+                    target = torch.tensor(requests[i][1][1:], device=device)
+                    scores[i] -= F.cross_entropy(logits[k, :len(target)].float(), target, reduction="sum").item()
+            progress.update(len(pairs))
+    return scores
+
+
 def greedy_generations(model, tokenizer, prompts: list[list[int]], budgets: list[int], batch_size: int,
                        desc: str = "generating") -> list[str]:
     """Greedy completions, batched (left-padded), each cut at its own token budget and at the end of turn."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+
+    from .inference import eos_token_ids, explicit_generation_config
 
     device = next(model.parameters()).device
-    stop = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id if model.generation_config is not None else None
-    stop |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    stop = set(eos_token_ids(tokenizer, model.generation_config))  # the chat template's end of turn, and EOS
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts = [""] * len(prompts)
     with torch.no_grad(), tqdm(total=len(prompts), desc=desc, leave=False) as progress:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            input_ids, attention_mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
-            config = GenerationConfig(max_new_tokens=max(budgets[i] for i in batch), do_sample=False, use_cache=True,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop))
+            input_ids, attention_mask = _pad([prompts[i] for i in batch], tokenizer.pad_token_id)
+            # greedy, nothing from the model's generation_config.json (no repetition penalty an instruct model ships)
+            config = explicit_generation_config(model, tokenizer, max(budgets[i] for i in batch), use_cache=True)
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                     generation_config=config)
             for row, i in enumerate(batch):
@@ -322,22 +495,10 @@ class Predictions:
 
 def predict(model, tokenizer, task: Task, args: EvalArguments, label: str) -> Predictions:
     """Run one model (base or adapter) over one task."""
-
-    def encode(text: str) -> list[int]:  # prompt and continuation are tokenized apart, as the harnesses do
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    contexts = [encode(_prompt_text(tokenizer, item.prompt)) for item in task.items]
     if task.kind != "open":
-        requests, owners, truncated = [], [], set()
-        for index, (item, context) in enumerate(zip(task.items, contexts, strict=False)):
-            for option in item.options:
-                *request, cut = _fit(context, encode(option), args.max_length)
-                requests.append(request)
-                owners.append(index)
-                if cut:
-                    truncated.add(index)
-        scores = continuation_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
-                                       desc=f"{task.name} [{label}] options")
+        requests, owners, truncated = choice_requests(tokenizer, task.items, args.max_length)
+        scores = grouped_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
+                                  desc=f"{task.name} [{label}] options")
         per_item: list[list[float]] = [[] for _ in task.items]
         for owner, score in zip(owners, scores, strict=False):
             per_item[owner].append(score)
@@ -345,14 +506,13 @@ def predict(model, tokenizer, task: Task, args: EvalArguments, label: str) -> Pr
         return Predictions(picks=picks, answers=[item.show(p) for item, p in zip(task.items, picks, strict=False)],
                            truncated=len(truncated))
 
-    references = [encode(_answer_text(tokenizer, item)) for item in task.items]
-    fitted = [_fit(context, reference, args.max_length)
-              for context, reference in zip(contexts, references, strict=False)]
+    fitted = [_fit(*reference_request(tokenizer, item), args.max_length) for item in task.items]
     requests = [(context, continuation) for context, continuation, _ in fitted]
-    scores = continuation_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
-                                   desc=f"{task.name} [{label}] reference loss")
+    scores = grouped_logprobs(model, requests, args.batch_size, tokenizer.pad_token_id,
+                              desc=f"{task.name} [{label}] reference loss")
     losses = [-score / len(continuation) for score, (_, continuation) in zip(scores, requests, strict=False)]
-    budgets = [min(args.max_new_tokens, 2 * len(encode(item.reference)) + 16, args.max_length - 1)
+    contexts = [_tokens(tokenizer, _prompt_text(tokenizer, item.prompt)) for item in task.items]
+    budgets = [min(args.max_new_tokens, 2 * len(_tokens(tokenizer, item.reference)) + 16, args.max_length - 1)
                for item in task.items]
     prompts = [context[-(args.max_length - budget):] for context, budget in zip(contexts, budgets, strict=False)]
     answers = greedy_generations(model, tokenizer, prompts, budgets, args.batch_size,
@@ -615,11 +775,10 @@ def base_model_args(adapter: Path, card: dict | None, model_name_or_path: str | 
 
 def load_for_evaluation(adapter: Path, card: dict | None, model_name_or_path: str | None):
     """(base model with the adapter on top, tokenizer, base model args) for a saved adapter folder."""
-    from types import SimpleNamespace
-
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
+    from trl import SFTConfig
 
     from .model import load_model
 
@@ -632,9 +791,12 @@ def load_for_evaluation(adapter: Path, card: dict | None, model_name_or_path: st
         raise RecipeError(f"tokenizer of {tokenizer_source} has no chat template to build prompts with")
     if tokenizer.pad_token_id is None:
         raise RecipeError(f"tokenizer of {tokenizer_source} has no pad token")
-    # load_model reads two training settings: where to place quantised weights, and whether to run remote code
-    base = load_model(model_args, SimpleNamespace(use_cpu=not torch.cuda.is_available(),
-                                                  trust_remote_code=trust_remote_code))
+    # load_model takes the run's training settings (where quantised weights go, whether remote code runs): here one
+    # process, on the GPU when there is one. Nothing trains: no bf16 autocast (TRL's default, which a GPU without
+    # bf16 refuses) and no activation checkpointing (TRL's default for it warns)
+    settings = SFTConfig(output_dir=str(adapter), use_cpu=not torch.cuda.is_available(), report_to="none",
+                         trust_remote_code=trust_remote_code, bf16=False, activation_checkpointing=False)
+    base = load_model(model_args, settings)
     model = PeftModel.from_pretrained(base, adapter).eval()
     return model, tokenizer, model_args
 
@@ -649,7 +811,7 @@ def evaluate_after_training(trainer, domain: ModuleType, held_out, data_args, tr
                          limit=data_args.eval_after_training_limit,
                          batch_size=training_args.per_device_eval_batch_size,
                          max_length=training_args.max_length or 2048)
-    tasks = build_tasks("held_out", held_out["messages"], domain, args.limit,
+    tasks = build_tasks("held_out", held_out, domain, args.limit,
                         source="held-out split of the training sources") if held_out is not None else []
     skipped = ["the domain's standard sets (eval_after_training_standard_sets is false)"]
     if data_args.eval_after_training_standard_sets:

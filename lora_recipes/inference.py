@@ -6,6 +6,7 @@ named adapters on one copy of it; each request picks one.
 """
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,24 +216,89 @@ def load_tokenizer(folder: Path, others: list[Path] = ()):
     return tokenizer
 
 
-def eos_token_ids(tokenizer, generation_config) -> list[int]:
-    """The end-of-turn token of the chat template first, then any other stop token the base model declares.
+# `{% generation %}` / `{% endgeneration %}` with their whitespace control (`-` strips, `+` keeps)
+GENERATION_TAG = re.compile(r"\{%([-+]?)\s*(?:end)?generation\s*([-+]?)%\}")
 
-    A generation config whose EOS is not the chat template's end-of-turn token is a known cause of endless
-    answers (and a pad token equal to EOS of empty ones).
+
+def plain_chat_template(template: str) -> str:
+    """`template` without its `{% generation %}` tags, rendering the same text.
+
+    The tags are a transformers extension (they mark the assistant tokens for the training loss); renderers outside
+    transformers (TGI's minijinja, llama.cpp, Ollama) may reject them. A removed tag keeps its effect on the
+    whitespace around it as transformers renders templates: `-` strips, otherwise `lstrip_blocks` takes the indent
+    of a tag alone on its line and `trim_blocks` the newline after it.
     """
-    ids = [tokenizer.eos_token_id]
-    declared = generation_config.eos_token_id
-    for token_id in declared if isinstance(declared, list) else [declared]:
+    pieces = GENERATION_TAG.split(template)  # text, (left, right, text) per tag
+    plain = pieces[0]
+    for left, right, text in zip(pieces[1::3], pieces[2::3], pieces[3::3], strict=True):
+        if left == "-":
+            plain = plain.rstrip()
+        elif not left:
+            plain = re.sub(r"(^|\n)[ \t]*\Z", r"\1", plain)
+        if right == "-":
+            text = text.lstrip()
+        elif not right:
+            text = text.removeprefix("\n")
+        plain += text
+    return plain
+
+
+def eos_token_ids(tokenizer, generation_config) -> list[int]:
+    """The end-of-turn token of the chat template first, then the tokenizer's EOS and any other stop token the model
+    declares.
+
+    The end-of-turn token is often not EOS: a base model on a ChatML template (EOS `<|endoftext|>`) learns to end its
+    turn with `<|im_end|>`, and without it as a stop token answers run to the budget, inventing further turns.
+    """
+    from .templates import end_of_turn_token_id
+
+    end_of_turn = end_of_turn_token_id(tokenizer)
+    # Only a token of the added vocabulary: a template whose turns end in plain content must not stop on a word
+    ids = [end_of_turn] if end_of_turn in tokenizer.get_added_vocab().values() else []
+    declared = generation_config.eos_token_id if generation_config is not None else None
+    for token_id in [tokenizer.eos_token_id, *(declared if isinstance(declared, list) else [declared])]:
         if token_id is not None and token_id not in ids:
             ids.append(token_id)
     return ids
 
 
+# Every setting that changes which token is picked, at its "off" value. transformers takes each setting a
+# GenerationConfig leaves unset from the model's own generation_config.json, and instruct models ship sampling
+# settings there (Qwen2.5-Instruct: repetition penalty, top_k, top_p, temperature): a setting not given here would
+# apply although nothing asked for it. (Settings that are only "off" when unset, such as
+# suppress_tokens or forced_eos_token_id, belong to encoder-decoder and speech models.)
+# min_new_tokens 0 also replaces any min_length (transformers sets min_length = prompt length + min_new_tokens).
+DECODING_OFF = {"num_beams": 1, "num_return_sequences": 1, "min_new_tokens": 0, "repetition_penalty": 1.0,
+                "no_repeat_ngram_size": 0, "guidance_scale": 1.0, "renormalize_logits": False,
+                "remove_invalid_values": False}
+SAMPLING_OFF = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                "eta_cutoff": 0.0}  # used only when sampling (and set only then: greedy would warn about them)
+
+
+def explicit_generation_config(model, tokenizer, max_new_tokens: int, greedy: bool = True, **settings):
+    """A GenerationConfig with `settings` and every other setting off (nothing from the model's own), stopping at
+    the chat template's end of turn and padding with the tokenizer's pad token."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{**DECODING_OFF, **({} if greedy else SAMPLING_OFF), **settings},
+                            max_new_tokens=max_new_tokens, do_sample=not greedy,
+                            eos_token_id=eos_token_ids(tokenizer, model.generation_config),
+                            pad_token_id=tokenizer.pad_token_id)
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`messages` after the system prompt, unless they bring their own system turn or there is no prompt.
+
+    Without one, some templates insert their own default (Qwen2.5: "You are Qwen, created by Alibaba Cloud...").
+    """
+    if not system_prompt or messages[0]["role"] == "system":
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def conversation(prompt: str, system_prompt: str | None) -> list[dict]:
     """A first user turn, after the system prompt when there is one."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [*messages, {"role": "user", "content": prompt}]
+    return with_system_prompt([{"role": "user", "content": prompt}], system_prompt)
 
 
 def conversation_logits(model, tokenizer, conversations: list[list[dict]]) -> list["torch.Tensor"]:  # noqa: F821
@@ -255,7 +321,7 @@ def max_difference(a: list, b: list) -> float:
 @dataclass
 class Answer:
     text: str
-    token_ids: list[int]  # the generated tokens, ending with the EOS token when finish_reason is "eos"
+    token_ids: list[int]  # the generated tokens, ending with the stop token when finish_reason is "eos"
     finish_reason: str  # "eos": the model ended its turn; "length": max_new_tokens was reached
 
 
@@ -289,18 +355,10 @@ class ChatModel:
         return args.system_prompt or self.system_prompts[adapter]
 
     def generation_config(self, args: GenerationArguments):
-        """Every setting from `args` (nothing inherited), with the chat template's end-of-turn token as EOS."""
-        from transformers import GenerationConfig
-
+        """Every setting from `args` (nothing inherited), stopping at the chat template's end-of-turn token."""
         sampling = {} if args.greedy else {"temperature": args.temperature, "top_p": args.top_p}
-        return GenerationConfig(
-            max_new_tokens=args.max_new_tokens,
-            do_sample=not args.greedy,
-            repetition_penalty=args.repetition_penalty,
-            eos_token_id=eos_token_ids(self.tokenizer, self.model.generation_config),
-            pad_token_id=self.tokenizer.pad_token_id,
-            **sampling,
-        )
+        return explicit_generation_config(self.model, self.tokenizer, args.max_new_tokens, args.greedy,
+                                 repetition_penalty=args.repetition_penalty, **sampling)
 
     def generate(self, conversations: list[list[dict]], args: GenerationArguments, adapter: str | None = None,
                  streamer=None) -> list[Answer]:

@@ -22,7 +22,15 @@ the pinned stack actually keeps alive at the peak of a training step:
   accumulates the hidden-state gradient in fp32;
 - transient: the largest quantised weight dequantised for a matmul, and the gradients flowing through one layer;
 - framework: on CUDA, the context and kernels plus the caching allocator's slack (assumed); on CPU, the interpreter
-  and the imported stack. `tests/test_memory.py` checks the rest against the peak of live tensor bytes of real steps.
+  and the imported stack. `tests/test_memory.py` checks the rest against the peak of live tensor bytes of real steps;
+- several processes (`strategy`): DDP holds everything on every device plus a bucketed copy of the gradients. FSDP
+  (full shard) and ZeRO-3 hold 1/N of every parameter, gradient and optimizer state, and the units all-gathered for
+  compute whole: the decoder layer running and the one prefetched, and (FSDP, as accelerate wraps it) the LM head with
+  the final norm, kept whole from its forward to its backward. The 4-bit quantisation constants are not parameters:
+  every device keeps them whole (tests/test_fsdp2.py measures the shards on CPU). ZeRO-1/2 split the optimizer states
+  (and ZeRO-2 the gradients); DeepSpeed under bf16/fp16 keeps an fp32 master copy of the trainable parameters and fp32
+  optimizer states. Not modelled: the communication buffers (FSDP's all-gather and reduce-scatter buffers, DeepSpeed's
+  reduce/prefetch buckets and stage3_max_live_parameters, set in its JSON) and CPU offloading.
 
 Every sequence is taken to fill `max_length` (the worst case a batch can reach, and what packing produces).
 """
@@ -49,6 +57,14 @@ CUDA_ALLOCATOR_SLACK = 0.05  # caching allocator: reserved exceeds allocated by 
 # TRL, ~0.3 GiB more of lazily loaded modules, tokenizer and data (bench/results/cpu.json, 2-core CI machine)
 CPU_RUNTIME = 0.8 * GiB
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# how several processes split the model (lora_recipes/distributed.py launch_strategy names them)
+STRATEGIES = ("ddp", "fsdp", "zero0", "zero1", "zero2", "zero3")
+SHARDED_WEIGHTS = ("fsdp", "zero3")
+SHARDED_GRADIENTS = ("fsdp", "zero2", "zero3")
+SHARDED_OPTIMIZER = ("fsdp", "zero1", "zero2", "zero3")
+STRATEGY_WORDS = {"ddp": "DDP: everything on every device", "fsdp": "FSDP full shard",
+                  "zero0": "ZeRO-0: everything on every device", "zero1": "ZeRO-1", "zero2": "ZeRO-2",
+                  "zero3": "ZeRO-3"}
 NAME_NOISE = {"meta", "instruct", "it", "chat", "hf"}
 
 
@@ -210,6 +226,7 @@ class Setup:
     per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     world_size: int = 1
+    strategy: str = "ddp"  # with world_size > 1: "ddp", "fsdp" (full shard), "zero1", "zero2" or "zero3"
     activation_checkpointing: bool = True
     optim: str = "adamw_torch_fused"
     attn_implementation: str = "sdpa"
@@ -331,6 +348,48 @@ def layer_activation_bytes(arch: Architecture, setup: Setup, first_layer: bool =
     return total
 
 
+def unit_bytes(arch: Architecture, setup: Setup) -> tuple[float, float]:
+    """(one decoder layer, the LM head with the final norm) as stored, without quantisation constants: what an
+    all-gather makes whole on every device under FSDP / ZeRO-3."""
+    dtype_bytes = DTYPE_BYTES[setup.dtype]
+    linear = sum(lin.in_features * lin.out_features for lin in arch.layer_linears)
+    per_weight = {"4bit": 0.5, "8bit": 1}.get(setup.quant, dtype_bytes)
+    layer = linear * per_weight + (arch.layer_params - linear) * dtype_bytes
+    if setup.use_peft:
+        layer += setup.lora_r * sum(lin.in_features + lin.out_features
+                                    for lin in arch.targets(setup.lora_target_modules)) * setup.adapter_bytes
+    return layer, (arch.vocab * arch.hidden + arch.final_norm_width) * dtype_bytes
+
+
+def shard_parts(p: Plan, constants: float) -> None:
+    """Divide the static parts of `p` as its strategy splits them across `world_size` processes."""
+    setup, n = p.setup, p.setup.world_size
+    if n == 1:
+        return
+    strategy = setup.strategy
+    if strategy not in STRATEGIES:
+        raise RecipeError(f"strategy '{strategy}': expected one of {', '.join(STRATEGIES)}")
+    if strategy in ("ddp", "zero0"):  # data parallel keeps a bucketed copy of the gradients for the all-reduce
+        p.parts["gradients"] *= 2
+        return
+    if strategy in SHARDED_WEIGHTS:
+        p.parts["weights"] = (p.parts["weights"] - constants) / n + constants
+        p.parts["adapter"] /= n
+        p.notes["weights"] = f"1/{n} of each" + (f"; {constants / GiB:.2f} GiB quantisation constants whole"
+                                                 if constants else "")
+        layer, head = unit_bytes(p.arch, setup)
+        p.parts["gathered"] = 2 * layer + head
+        p.notes["gathered"] = "2 decoder layers + LM head, all-gathered"
+    if strategy in SHARDED_GRADIENTS:
+        p.parts["gradients"] /= n
+    if strategy in SHARDED_OPTIMIZER:
+        trainable = p.trainable_params
+        if strategy != "fsdp" and setup.mixed_precision:  # DeepSpeed: fp32 master weights and fp32 states
+            p.parts["optimizer"] = trainable * (4 + optimizer_state_bytes(setup.optim, 4))
+            p.notes["optimizer"] = "fp32 master copy + fp32 states (DeepSpeed)"
+        p.parts["optimizer"] /= n
+
+
 def plan(arch: Architecture, setup: Setup) -> Plan:
     """The peak memory of one training step, by component."""
     p = Plan(arch, setup)
@@ -350,8 +409,7 @@ def plan(arch: Architecture, setup: Setup) -> Plan:
     p.parts["adapter"] = trainable * setup.adapter_bytes if setup.use_peft else 0.0
     p.parts["gradients"] = trainable * setup.adapter_bytes
     p.parts["optimizer"] = trainable * optimizer_state_bytes(setup.optim, setup.adapter_bytes)
-    if setup.world_size > 1:  # DDP keeps a bucketed copy of the gradients for the all-reduce
-        p.parts["gradients"] *= 2
+    shard_parts(p, constants)
 
     # activations, both ways
     per_layer = layer_activation_bytes(arch, setup)
@@ -437,12 +495,14 @@ def describe(plan_on: Plan, plan_off: Plan, budget: float | None = None) -> str:
         f"layers, hidden {arch.hidden}, vocab {arch.vocab}",
         f"  {quant} base, compute {compute}, {adapters}, {s.attn_implementation} attention",
         f"  {s.per_device_train_batch_size} sequences x {s.max_length} tokens per device, {s.optim}, on "
-        f"{s.device.upper()}",
+        f"{s.device.upper()}" + (f", {s.world_size} processes ({STRATEGY_WORDS[s.strategy]})" if s.world_size > 1
+                                 else ""),
         "",
         f"{'':34}{'checkpointing on':>18}{'checkpointing off':>19}",
     ]
     rows = [
         ("weights as stored", "weights"),
+        ("whole units for compute", "gathered"),
         ("LoRA parameters", "adapter"),
         ("their gradients", "gradients"),
         ("optimizer states", "optimizer"),
@@ -452,6 +512,8 @@ def describe(plan_on: Plan, plan_off: Plan, budget: float | None = None) -> str:
         ("framework overhead", "framework"),
     ]
     for label, key in rows:
+        if key not in plan_on.parts:
+            continue
         lines.append(f"{label:<38}{_gib(plan_on.parts[key])}{_gib(plan_off.parts[key]):>19}   "
                      f"{plan_on.notes.get(key, '')}".rstrip())
     lines.append(f"{'peak':<38}{_gib(plan_on.peak)}{_gib(plan_off.peak):>19}")
@@ -468,11 +530,17 @@ def describe(plan_on: Plan, plan_off: Plan, budget: float | None = None) -> str:
                 one = plan(arch, replace(s, activation_checkpointing=setting, per_device_train_batch_size=1))
                 lines.append(f"{budget / GiB:.0f} GiB, {label}: does not fit even 1 sequence per device "
                              f"(needs {one.peak / GiB:.1f} GiB): shorten max_length"
-                             + ("" if s.quant == "4bit" else " or quantise to 4-bit"))
+                             + ("" if s.quant == "4bit" else " or quantise to 4-bit")
+                             + (" or shard the model across the processes (accelerate_configs/fsdp_qlora.yaml)"
+                                if s.world_size > 1 and s.strategy not in SHARDED_WEIGHTS else ""))
             else:
                 lines.append(f"{budget / GiB:.0f} GiB, {label}: per_device_train_batch_size {fit[0]} x "
                              f"gradient_accumulation_steps {fit[1]} keeps {per_step} sequences per device per step "
                              f"(global batch {per_step * s.world_size})")
+    if s.world_size > 1 and s.strategy not in ("ddp", "zero0"):
+        lines.append(f"Not modelled ({s.strategy}): communication buffers ("
+                     + ("all-gather / reduce-scatter" if s.strategy == "fsdp" else "DeepSpeed's bucket sizes and "
+                        "stage3_max_live_parameters, from its JSON") + ") and CPU offloading")
     return "\n".join(lines)
 
 
@@ -483,7 +551,9 @@ def report(arch: Architecture, setup: Setup, budget: float | None = None) -> str
 
 
 def setup_from_args(training_args, model_args) -> Setup:
-    """The Setup a recipe's parsed arguments describe (its YAML + command line)."""
+    """The Setup a recipe's parsed arguments describe (its YAML + command line and the launch)."""
+    from .distributed import launch_strategy
+
     quant = "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else "none"
     dtype = model_args.dtype if model_args.dtype in DTYPE_BYTES else "bfloat16"
     mixed = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
@@ -500,6 +570,7 @@ def setup_from_args(training_args, model_args) -> Setup:
         per_device_train_batch_size=training_args.per_device_train_batch_size,
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
         world_size=training_args.world_size,
+        strategy=launch_strategy(training_args) if training_args.world_size > 1 else "ddp",
         activation_checkpointing=bool(training_args.activation_checkpointing),
         optim=str(getattr(training_args.optim, "value", training_args.optim)),
         attn_implementation=model_args.attn_implementation or "sdpa",

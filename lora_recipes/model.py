@@ -4,6 +4,7 @@ from pathlib import Path
 
 from .distributed import launch_strategy
 from .errors import RecipeError
+from .templates import end_of_turn_token_id, training_chat_template
 
 # Distinct pad tokens that popular families ship without setting `pad_token` (Llama 3 has no pad token).
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "<|endoftext|>", "<unk>")
@@ -21,13 +22,9 @@ def _hub_error(what: str, name: str, error: Exception) -> RecipeError:
 
 
 def load_tokenizer(model_args, training_args):
-    """The tokenizer, with a chat template whose `{% generation %}` markers cover each assistant turn and its EOS."""
+    """The tokenizer, with a chat template whose `{% generation %}` markers cover each assistant turn and its
+    end-of-turn token, and that takes a system prompt (see lora_recipes/templates.py)."""
     from transformers import AutoTokenizer
-    from trl.chat_template_utils import (
-        get_training_chat_template,
-        has_generation_markers,
-        is_chat_template_stop_token_trained,
-    )
 
     name = model_args.model_name_or_path
     try:
@@ -42,26 +39,19 @@ def load_tokenizer(model_args, training_args):
     if not tokenizer.chat_template:
         raise RecipeError(f"tokenizer '{name}' has no chat template: use an instruct model, or pass "
                           "--chat_template_path FILE.jinja (lora_recipes/chat_templates/chatml.jinja is an example)")
-    if training_args.assistant_only_loss:
-        if not has_generation_markers(tokenizer.chat_template):
-            try:
-                tokenizer.chat_template = get_training_chat_template(tokenizer)
-            except ValueError:
-                raise RecipeError(
-                    f"the chat template of '{name}' has no {{% generation %}} markers and TRL has no training "
-                    "template for this family: pass --chat_template_path FILE.jinja with markers around the "
-                    "assistant turns (see lora_recipes/chat_templates/chatml.jinja), or set assistant_only_loss "
-                    "false"
-                ) from None
-        if not is_chat_template_stop_token_trained(tokenizer):
-            raise RecipeError(f"the chat template of '{name}' leaves the end-of-turn token out of the assistant "
-                              "mask, so the model would never learn to stop: fix the template's generation markers")
+    tokenizer.chat_template, notes = training_chat_template(tokenizer, name, training_args.assistant_only_loss)
+    if training_args.process_index == 0:
+        print("".join(f"note: {note}\n" for note in notes), end="")
 
-    # A pad token distinct from EOS keeps padding and end-of-turn apart in logs, generation and masks
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+    # A pad token distinct from EOS and from the end-of-turn token keeps padding and stopping apart in logs,
+    # generation and masks (a template trained on whole sequences need not have turns to end)
+    stops = {tokenizer.eos_token_id}
+    if training_args.assistant_only_loss:
+        stops.add(end_of_turn_token_id(tokenizer))
+    if tokenizer.pad_token is None or tokenizer.pad_token_id in stops:
         vocab = tokenizer.get_vocab()
         for candidate in PAD_CANDIDATES:
-            if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            if candidate in vocab and vocab[candidate] not in stops:
                 tokenizer.pad_token = candidate
                 break
     return tokenizer

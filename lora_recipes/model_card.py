@@ -5,11 +5,13 @@ counts, LoRA, quantisation and training settings, final losses), `adapter_config
 when there is one, `eval_report.json` (base vs adapter on each evaluation task, with confidence intervals).
 """
 
+import json
 import re
 from pathlib import Path
 
 from .errors import RecipeError
-from .inference import TrainedAdapter, read_json
+from .inference import TrainedAdapter, load_tokenizer, read_json
+from .templates import end_of_turn_token
 
 EVAL_REPORT = "eval_report.json"
 EVAL_FIELDS = {"metric": str, "n": int, "base": (int, float), "adapter": (int, float)}
@@ -162,6 +164,16 @@ def render(adapter: TrainedAdapter, *, kind: str, name: str, eval_report: dict |
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f"model = AutoModelForCausalLM.from_pretrained(\"{name}\", dtype=\"auto\")",
                   f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")"]
+    system = [{"role": "system", "content": run_card["system_prompt"]}] if run_card.get("system_prompt") else []
+    messages = [*system, {"role": "user", "content": "Your question"}]
+    end_of_turn = end_of_turn_token(load_tokenizer(adapter.path))
+    lines += ["", f"messages = {json.dumps(messages, ensure_ascii=False)}",
+              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+              "return_dict=True).to(model.device)",
+              f"# the model ends its turn with {end_of_turn}, which need not be the tokenizer's EOS: stop there",
+              "output = model.generate(**inputs, max_new_tokens=256, "
+              f"eos_token_id=tokenizer.convert_tokens_to_ids({json.dumps(end_of_turn)}))",
+              "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"]
     lines += ["```", "", "Or chat with it from a lora-recipes clone: `python recipes/chat.py "
               f"{'--adapter' if kind == 'adapter' else '--model_name_or_path'} {name}`.", ""]
     if run_card.get("system_prompt"):

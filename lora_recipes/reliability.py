@@ -115,47 +115,76 @@ def resume_point(data_args, training_args, model_args) -> str | None:
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
-    """Stop at the first step whose loss is NaN or infinite, before its update reaches the weights.
+    """Stop once the loss is NaN or infinite, before a non-finite update reaches the weights.
 
-    TRL's fused loss does not reach callbacks, and the Trainer hides a NaN loss from its logs by default
-    (`logging_nan_inf_filter`). A non-finite loss always makes the gradients non-finite, and after DDP's all-reduce
+    The loss reaches no callback (TRL computes it outside the model, and the Trainer hides a NaN loss from its logs,
+    `logging_nan_inf_filter`); its gradients do, and a non-finite loss makes them non-finite. After DDP's all-reduce
     every rank sees the same gradients, so every rank stops at the same step.
+    - bf16 / fp32: non-finite gradients stop the run before the optimizer step.
+    - fp16: non-finite gradients are also the loss scaler's ordinary overflow: the GradScaler skips that update and
+      halves its scale, and a finite loss fits again a few halvings later. The run stops when an update is skipped at
+      loss scale 1 or below, where nothing is amplified any more, so the loss or its gradients are non-finite by
+      themselves (DeepSpeed's fp16 optimizer gives up at the same point, its min_loss_scale 1). From the initial
+      scale 2**16 that is 17 skipped steps in a row, and skipped steps leave the weights as they were.
     """
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def __init__(self):
+        self.skipped = 0  # fp16: updates the loss scaler skipped in a row
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if optimizer.scaler is not None:
+            return  # the scaler checks these gradients itself and skips the update: see on_step_end
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         if not grads or torch.stack([torch.isfinite(g).all() for g in grads]).all():
             return
-        last = last_checkpoint(args.output_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-        raise RecipeError(
-            f"step {state.global_step + 1}: the training loss is NaN or infinite; training stopped before this update "
-            f"and {kept}. Lower learning_rate (now {args.learning_rate:g}) and rerun with --overwrite_output_dir true "
-            "(resuming would restore the old learning rate)"
-        )
+        raise RecipeError(non_finite_loss_message(args, state.global_step + 1, ""))
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer.scaler is None:
+            return
+        self.skipped = self.skipped + 1 if optimizer.step_was_skipped else 0
+        scale = optimizer.scaler.get_scale()
+        if self.skipped and scale < 1:
+            raise RecipeError(non_finite_loss_message(
+                args, state.global_step, f" (the fp16 loss scaler skipped the last {self.skipped} updates, down to "
+                                         f"loss scale {scale:g})"))
 
 
-class KeepAdapterDtypesOnResume(TrainerCallback):
-    """A resumed run trains the adapter in the dtypes the run started with.
+def non_finite_loss_message(args, step: int, detail: str) -> str:
+    last = last_checkpoint(args.output_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+    return (f"step {step}: the training loss is NaN or infinite{detail}; training stopped before this update and "
+            f"{kept}. Lower learning_rate (now {args.learning_rate:g}) and rerun with --overwrite_output_dir true "
+            "(resuming would restore the old learning rate)")
 
-    TRL trains QLoRA adapters in bf16, but the Trainer reloads a checkpoint's adapter with PEFT's `load_adapter`,
-    which upcasts it (and so the optimizer state loaded after it) to fp32: without this, the run after a restart would
-    train in another precision than the run before it, and its losses would drift from an uninterrupted run's.
+
+def keep_adapter_dtypes_on_resume(trainer) -> None:
+    """A resumed run trains the adapter in the dtypes the run started with, and every rank trains the same adapter.
+
+    TRL trains QLoRA adapters in bf16, but the Trainer reloads a checkpoint's adapter with PEFT's `load_adapter`, which
+    replaces it with fp32 copies: the run after a restart would train in another precision than the run before it.
+    The dtypes are put back inside the Trainer's checkpoint-loading step. For one process and DDP that step runs in
+    `train()` before the optimizer exists and before `accelerator.prepare` wraps the model, so DDP registers the
+    restored parameters, and the optimizer state loaded later takes their dtypes (torch casts it on load). Casting
+    after the wrap instead (a callback's on_train_begin) silently stops DDP's gradient all-reduce for every cast
+    parameter: each rank trains its own adapter, and rank 0 saves one that saw 1/N of the data.
+    FSDP loads after the wrap (the Trainer passes the wrapped model) and DeepSpeed loads in its engine; both read
+    their own checkpoint format into the existing parameters, so no dtype changes and nothing is touched there.
     """
+    load = trainer._load_from_checkpoint
 
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    def load_in_the_same_dtypes(resume_from_checkpoint, model=None):
+        if model is not None:  # after the wrap (FSDP): wrapped parameters are never cast
+            return load(resume_from_checkpoint, model)
+        dtypes = {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
+        load(resume_from_checkpoint)
+        for name, param in trainer.model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        for name, param in model.named_parameters():
-            dtype = self.dtypes.get(name)
-            if dtype is None or param.dtype == dtype:
-                continue
-            param.data = param.data.to(dtype)
-            moments = optimizer.state.get(param, {})
-            for key, value in moments.items():
-                if torch.is_tensor(value) and value.is_floating_point() and value.shape == param.shape:
-                    moments[key] = value.to(dtype)
+    # the Trainer offers no callback between this load and the wrap: its loading step itself is wrapped (pinned stack;
+    # tests/test_distributed.py resumes a killed 2-process run and would see the ranks drift apart again)
+    trainer._load_from_checkpoint = load_in_the_same_dtypes
 
 
 @contextmanager

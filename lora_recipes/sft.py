@@ -19,7 +19,7 @@ from .errors import RecipeError, exit_on_recipe_error
 from .evaluation import eval_sets, evaluate_after_training
 from .model import load_model, load_tokenizer
 from .plots import plot_loss_curve
-from .reliability import KeepAdapterDtypesOnResume, StopOnNonFiniteLoss, failures_in_one_line, resume_point
+from .reliability import StopOnNonFiniteLoss, failures_in_one_line, keep_adapter_dtypes_on_resume, resume_point
 from .run_card import config_dict, git_commit, package_versions, write_json
 
 
@@ -93,8 +93,9 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         eval_dataset=data.eval if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[StopOnNonFiniteLoss(), KeepAdapterDtypesOnResume(), *(callbacks or [])],
+        callbacks=[StopOnNonFiniteLoss(), *(callbacks or [])],
     )
+    keep_adapter_dtypes_on_resume(trainer)
     global_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                     * training_args.world_size)
     trainer.accelerator.print(
@@ -135,22 +136,25 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         })
     trainer.accelerator.print(f"Adapter, tokenizer and run card saved to {training_args.output_dir}")
 
-    # 8. Loss curve next to the adapter; base vs adapter on the held-out split and the standard evaluation sets
-    if trainer.is_world_process_zero():
-        plot_loss_curve(trainer.state.log_history, Path(training_args.output_dir) / "loss_curve.png")
-        if data_args.eval_after_training:
-            evaluate_after_training(trainer, domain, data.eval, data_args, training_args, model_args)
-    # Every rank leaves together: one still finishing a gloo collective while another exits can deadlock at exit.
+    # 8. Every rank leaves together: one still finishing a gloo collective while another exits can deadlock at exit.
     # DDP's wrapper goes first, while the process group and every rank are alive: left to the end of the script, its
     # teardown ran after the group was destroyed and hung there (gloo on CPU, about one run in 40)
     trainer.accelerator.wait_for_everyone()
-    remove_data_cache(training_args)
     if launch_strategy(training_args) == "ddp":
         trainer.model_wrapped = trainer.model
         trainer.accelerator.free_memory()
         gc.collect()
         trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+
+    # 9. Loss curve next to the adapter; base vs adapter on the held-out split and the standard evaluation sets. Rank 0
+    #    evaluates alone, after the process group is gone: the other ranks have exited instead of waiting for it at a
+    #    barrier, whose timeout (ddp_timeout, 30 minutes by default) would fail the job after training succeeded
+    if trainer.is_world_process_zero():
+        plot_loss_curve(trainer.state.log_history, Path(training_args.output_dir) / "loss_curve.png")
+        if data_args.eval_after_training:
+            evaluate_after_training(trainer, domain, data.eval, data_args, training_args, model_args)
+    remove_data_cache(training_args)  # the evaluation reads the held-out split from it
     return trainer
 
 

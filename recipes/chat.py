@@ -16,7 +16,8 @@ Several domains on one base, loaded once; each request picks its adapter:
         --use_adapter legal --prompt "Can my employer read my work email?"
 
 The base is loaded as in training (4-bit for a QLoRA adapter, from run_card.json); the system prompt is the one
-the adapter was trained with unless --system_prompt says otherwise. Answers are not professional advice.
+the adapter was trained with unless --system_prompt says otherwise (batch rows with their own system turn keep
+it). Answers are not professional advice.
 """
 
 import json
@@ -36,6 +37,7 @@ from lora_recipes.inference import (  # noqa: E402
     conversation,
     parse_flags,
     read_adapters,
+    with_system_prompt,
 )
 
 ROLES = ("system", "user", "assistant")
@@ -167,7 +169,9 @@ def main(chat_args: ChatArguments, gen_args: GenerationArguments) -> None:
         requests = []
         for row in rows:
             system_prompt = chat.system_prompt(row["adapter"], gen_args)
-            requests.append(Request(row.get("messages") or conversation(row["prompt"], system_prompt), row["adapter"]))
+            messages = (with_system_prompt(row["messages"], system_prompt) if "messages" in row
+                        else conversation(row["prompt"], system_prompt))
+            requests.append(Request(messages, row["adapter"]))
         answers = chat.answer(requests, gen_args, chat_args.batch_size)
         output = Path(chat_args.output)
         output.parent.mkdir(parents=True, exist_ok=True)

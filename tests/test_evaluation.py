@@ -11,9 +11,9 @@ import torch
 from conftest import REPO_ROOT, SAMPLES, TINY_MODEL
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from data import medical
+from data import legal, medical
 from lora_recipes.config import parse_args
-from lora_recipes.data import read_file
+from lora_recipes.data import prepare_data, read_file
 from lora_recipes.errors import RecipeError
 from lora_recipes.evaluation import (
     EvalArguments,
@@ -24,6 +24,7 @@ from lora_recipes.evaluation import (
     continuation_logprobs,
     greedy_generations,
     load_for_evaluation,
+    named_tasks,
     paired_bootstrap,
     parse_hub_source,
     rouge_l,
@@ -49,6 +50,11 @@ def first_chat(file: str, converter) -> list[dict]:
 
 def chat(question: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def chat_rows(chats: list[list[dict]]) -> list[dict]:
+    """Converted rows of data in chat form (`messages` schema: the task is told by the text)."""
+    return [{"messages": messages, "schema": "messages"} for messages in chats]
 
 
 def options_question(n: int = 4) -> str:
@@ -95,11 +101,45 @@ def test_answer_formats(answer, kind, options, index):
 def test_a_source_mixing_kinds_splits_into_tasks_and_limit_applies_per_task():
     chats = ([chat(options_question(), "C. option c")] * 5 + [chat("Why?", "Because.")] * 3
              + [chat("Does it?", "yes, it does")] * 2)
-    tasks = build_tasks("mine", chats, medical, limit=4, source="mine.jsonl")
+    tasks = build_tasks("mine", chat_rows(chats), medical, limit=4, source="mine.jsonl")
     assert [(t.name, t.kind, len(t.items)) for t in tasks] == [
         ("mine/yes-no-maybe", "classification", 2), ("mine/multiple_choice", "multiple_choice", 4),
         ("mine/open", "open", 3)]
-    assert [t.name for t in build_tasks("only", chats[:5], medical, None, source="x")] == ["only"]
+    assert [t.name for t in build_tasks("only", chat_rows(chats[:5]), medical, None, source="x")] == ["only"]
+
+
+def test_options_come_from_the_options_block_only():
+    """A CaseHOLD context's own `I.`, `A.`, `B.` headings are not options: only the block the converter wrote is."""
+    row = dict(read_file(SAMPLES / "legal" / "case_hold.jsonl")[0])
+    row["context"] = f"I. Background\n\nA. The facts\nB. The claims\n\nII. Discussion\n\n{row['context']}"
+    messages = legal.case_hold_to_messages(row)["messages"]
+    for task in (None, "multiple_choice"):  # told from the text, and declared by the schema
+        kind, item = to_item(messages, [], task)
+        assert kind == "multiple_choice" and item.options == ["A.", "B.", "C.", "D.", "E."], item.options
+        assert item.answer == row["label"] and item.show(item.answer) == f"{'ABCDE'[row['label']]}. " \
+            f"{row['endings'][row['label']]}"
+
+
+def flashcard(answer: str) -> dict:
+    return {"input": "Can a child with influenza be given aspirin?", "output": answer}
+
+
+def test_task_kind_comes_from_the_schema_not_the_answer_text(tmp_path):
+    """A flashcard that happens to start with No stays an open answer, read as a named file or as a run's eval split;
+    PubMedQA stays a Yes/No/Maybe classification."""
+    flashcards = tmp_path / "flashcards.jsonl"
+    flashcards.write_text("".join(json.dumps(flashcard(answer)) + "\n" for answer in (
+        "No, because of Reye syndrome.", "Yes it can, in adults only.", "Maybe later (SYNTHETIC).")))
+    [task] = named_tasks([str(flashcards)], medical, None, [])
+    assert (task.name, task.kind, len(task.items)) == ("flashcards", "open", 3)
+
+    pubmedqa = MEDICAL / "pubmedqa.jsonl"
+    held_out = prepare_data([str(MEDICAL / "medqa.jsonl")], medical.SCHEMAS,
+                            eval_sources=[str(flashcards), str(pubmedqa)]).eval  # what the end of training scores
+    tasks = {t.name: t for t in build_tasks("held_out", held_out, medical, None, source="held-out")}
+    assert tasks["held_out/open"].kind == "open" and len(tasks["held_out/open"].items) == 3
+    classified = tasks["held_out/yes-no-maybe"]
+    assert classified.kind == "classification" and len(classified.items) == len(read_file(pubmedqa))
 
 
 def test_standard_sets_use_their_evaluation_splits():
@@ -127,11 +167,14 @@ class FixedLogits(torch.nn.Module):
         self.vocab_size, self.favoured, self.base_token = vocab_size, adapter_token, base_token
         self.calls = []
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, past_key_values=None,
+                use_cache=False):
+        from transformers import DynamicCache
+
         self.calls.append(tuple(input_ids.shape))
         logits = torch.zeros(input_ids.shape[0], logits_to_keep or input_ids.shape[1], self.vocab_size)
         logits[..., self.favoured] = 10.0
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(logits=logits, past_key_values=past_key_values or DynamicCache())
 
     @contextmanager
     def disable_adapter(self):
@@ -145,7 +188,7 @@ class FixedLogits(torch.nn.Module):
 def test_multiple_choice_accuracy_when_the_logits_make_option_c_win(tokenizer):
     letters = "CCBCDC"  # the right answers; the model always prefers C, the base (adapter off) A
     chats = [chat(options_question(), f"{letter}. option {letter.lower()}") for letter in letters]
-    tasks = build_tasks("hand-built", chats, medical, None, source="hand-built")
+    tasks = build_tasks("hand-built", chat_rows(chats), medical, None, source="hand-built")
     c, a = tokenizer.convert_tokens_to_ids("C"), tokenizer.convert_tokens_to_ids("A")
     model = FixedLogits(len(tokenizer), adapter_token=c, base_token=a)
     args = EvalArguments(adapter="unused", output_dir="unused", batch_size=5, max_length=512, bootstrap_samples=200)
@@ -156,13 +199,16 @@ def test_multiple_choice_accuracy_when_the_logits_make_option_c_win(tokenizer):
     assert report["delta_ci"][0] > 0  # every resample has the adapter ahead
     assert {e["adapter"] for e in report["examples"]} == {"C. option c"}
     assert {e["base"] for e in report["examples"]} == {"A. option a"}
-    assert max(shape[0] for shape in model.calls) <= 5 and len(model.calls) == 2 * 5  # 24 options / 5 per batch
+    # The six questions are one prompt: read once per 5 of its 24 options, then the options' tokens after the first
+    assert max(shape[0] for shape in model.calls) <= 5
+    prompt_passes = [shape for shape in model.calls if shape[1] > 2]
+    assert prompt_passes == [(1, prompt_passes[0][1])] * 2 * 5  # base and adapter
 
 
 def test_classification_scores_by_label_likelihood(tokenizer):
     answers = ["No.", "No.", "Yes.", "Maybe.", "No.", "Yes."]
     chats = [chat("Context: ... Question: does it work?", f"{answer} Because.") for answer in answers]
-    tasks = build_tasks("pubmed-like", chats, medical, None, source="hand-built")
+    tasks = build_tasks("pubmed-like", chat_rows(chats), medical, None, source="hand-built")
     assert tasks[0].kind == "classification"
     n_token, y_token = tokenizer.convert_tokens_to_ids("N"), tokenizer.convert_tokens_to_ids("Y")
     model = FixedLogits(len(tokenizer), adapter_token=n_token, base_token=y_token)
@@ -305,13 +351,48 @@ def test_evaluation_leaves_the_4bit_model_as_it_found_it(medical_smoke_run):
     before = {name: value.clone() for name, value in model.state_dict().items()}
     model.train()
     chats = [chat(options_question(), "B. option b"), chat("Why?", "Because it is.")]
-    tasks = build_tasks("small", chats, medical, None, source="hand-built")
+    tasks = build_tasks("small", chat_rows(chats), medical, None, source="hand-built")
     compare(model, tokenizer, tasks, EvalArguments(adapter="unused", output_dir="unused", max_length=128,
                                                    max_new_tokens=4, bootstrap_samples=10))
     after = model.state_dict()
     assert model.training  # handed back in the mode it came in
     # bitsandbytes would repack the 4-bit weights for CPU inference, rounding their scales, if evaluation let it
     assert all(torch.equal(before[name], after[name]) for name in before), "evaluation changed the model"
+
+
+@pytest.fixture
+def gpu_seen(monkeypatch):
+    """CUDA reported available (and `set_device` a no-op) without a GPU, on a fresh accelerate state both sides."""
+    import bitsandbytes  # noqa: F401  (imported with CUDA seen, it would load its CUDA kernels)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_quantised_adapter_loads_onto_the_gpu_when_cuda_is_available(tiny_model, tmp_path, monkeypatch, gpu_seen):
+    """On a CUDA machine the 4-bit base goes whole onto GPU 0. The loaders are intercepted: no GPU here."""
+    import peft
+    import transformers
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(TINY_MODEL)}))
+    calls = []
+
+    def from_pretrained(name, **kwargs):
+        calls.append(kwargs)
+        return tiny_model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda base, folder: base)
+    model, tokenizer, model_args = load_for_evaluation(adapter, None, None)  # no run card: 4-bit NF4, bf16
+    assert model is tiny_model and model_args.load_in_4bit and model_args.dtype == "bfloat16"
+    assert calls[0]["device_map"] == {"": 0} and calls[0]["quantization_config"].load_in_4bit
+    assert calls[0]["trust_remote_code"] is False and tokenizer.chat_template
 
 
 def check_report(output_dir, tasks: set[str]) -> dict:

@@ -18,8 +18,10 @@ from lora_recipes.inference import (
     GenerationArguments,
     Request,
     conversation,
+    plain_chat_template,
     read_adapter,
     read_adapters,
+    with_system_prompt,
 )
 from lora_recipes.model_card import read_eval_report, render
 from lora_recipes.sft import main as train
@@ -101,7 +103,7 @@ def test_merge_cli_writes_a_verified_standalone_model(merged_run, adapter_dir):
     generation = json.loads((output_dir / "generation_config.json").read_text())
     assert generation["eos_token_id"][0] == eos_id(tokenizer) == tokenizer.eos_token_id
     assert generation["pad_token_id"] == tokenizer.convert_tokens_to_ids("<|pad|>") != eos_id(tokenizer)
-    assert tokenizer.chat_template == (adapter_dir / "chat_template.jinja").read_text()
+    assert tokenizer.chat_template == plain_chat_template((adapter_dir / "chat_template.jinja").read_text())
     record = json.loads((output_dir / "run_card.json").read_text())["merge"]
     assert record["merge_into"] == "dequantized" and record["max_logit_difference"] == pytest.approx(difference,
                                                                                                      rel=1e-3)
@@ -227,7 +229,8 @@ def test_two_adapters_on_one_base_answer_as_each_does_alone(medical_smoke_run, m
 
     early_chat = ChatModel.load(read_adapters([f"early={output_dir / 'checkpoint-15'}"]))
     for name, alone in (("medical", medical_chat), ("early", early_chat)):
-        requests = [Request(r.get("messages") or conversation(r["prompt"], medical.SYSTEM_PROMPT), name)
+        requests = [Request(with_system_prompt(r["messages"], medical.SYSTEM_PROMPT) if "messages" in r
+                            else conversation(r["prompt"], medical.SYSTEM_PROMPT), name)
                     for r in rows if r.get("adapter", "medical") == name]
         expected = alone.answer(requests, SAMPLING, batch_size=2)
         assert [(a["answer"], a["finish_reason"]) for a in answered if a["adapter"] == name] == [

@@ -81,6 +81,48 @@ def test_checkpointing_keeps_one_hidden_state_per_layer(llama_8b):
     assert off.parts["activations"] > 10 * on.parts["activations"] and off.peak > on.peak
 
 
+@pytest.fixture(scope="module")
+def llama_70b():
+    return architecture("meta-llama/Llama-3.1-70B-Instruct")
+
+
+def test_fsdp_and_zero3_plan_one_shard_of_the_weights_per_device(llama_70b):
+    """FSDP and ZeRO-3 split every parameter, its gradient and its optimizer state across the processes; the 4-bit
+    quantisation constants are not parameters and stay whole on every device (measured: tests/test_fsdp2.py)."""
+    setup = Setup(per_device_train_batch_size=1, max_length=2048, world_size=8, mixed_precision="bf16")
+    ddp, fsdp = plan(llama_70b, replace(setup, strategy="ddp")), plan(llama_70b, replace(setup, strategy="fsdp"))
+    whole, constants = weight_bytes(llama_70b, setup)
+    assert ddp.parts["weights"] == whole  # DDP: the whole model on every device
+    assert fsdp.parts["weights"] == pytest.approx((whole - constants) / 8 + constants)
+    # the units all-gathered for compute: two decoder layers (the one running and the one prefetched) and the LM head
+    # with the final norm (accelerate keeps that tail unit whole from its forward to its backward)
+    layer_linear = sum(lin.in_features * lin.out_features for lin in llama_70b.layer_linears)
+    layer = layer_linear / 2 + (llama_70b.layer_params - layer_linear) * 2
+    head = llama_70b.vocab * llama_70b.hidden * 2 + llama_70b.final_norm_width * 2
+    assert fsdp.parts["gathered"] == pytest.approx(2 * layer + head, rel=0.01)
+    for part in ("adapter", "gradients", "optimizer"):  # DDP also keeps a bucketed copy of the gradients
+        assert fsdp.parts[part] == pytest.approx(ddp.parts[part] / (16 if part == "gradients" else 8)), part
+    zero3 = plan(llama_70b, replace(setup, strategy="zero3"))
+    assert zero3.parts["weights"] == fsdp.parts["weights"] and zero3.parts["gathered"] == fsdp.parts["gathered"]
+    # DeepSpeed under bf16 keeps an fp32 master copy of the trainable parameters and fp32 optimizer states
+    assert zero3.parts["optimizer"] == pytest.approx(ddp.trainable_params * (4 + 2 * 4) / 8)
+    zero2 = plan(llama_70b, replace(setup, strategy="zero2"))
+    assert zero2.parts["weights"] == whole and "gathered" not in zero2.parts
+    assert zero2.parts["gradients"] == pytest.approx(fsdp.parts["gradients"])
+    assert zero2.parts["optimizer"] == zero3.parts["optimizer"]
+
+
+def test_fsdp_qlora_70b_fits_where_ddp_does_not(llama_70b):
+    """The case fsdp_qlora.yaml exists for: a 4-bit 70B on 8 x 24 GB GPUs."""
+    setup = Setup(per_device_train_batch_size=2, gradient_accumulation_steps=8, max_length=2048, world_size=8,
+                  mixed_precision="bf16")
+    budget = parse_memory("24GB")
+    assert largest_batch(llama_70b, replace(setup, strategy="ddp"), budget) is None  # 37 GiB of weights per device
+    fsdp = plan(llama_70b, replace(setup, strategy="fsdp", per_device_train_batch_size=1))
+    assert fsdp.peak < budget
+    assert largest_batch(llama_70b, replace(setup, strategy="fsdp"), budget) is not None
+
+
 @pytest.mark.parametrize("hub_id, file", [
     ("meta-llama/Meta-Llama-3.1-8B-Instruct", "llama-3.1-8b.json"),
     ("Qwen/Qwen2.5-7B", "qwen2.5-7b-instruct.json"),
@@ -120,6 +162,37 @@ def test_plan_memory_cli():
     bad = subprocess.run([sys.executable, "recipes/plan_memory.py", "--model", "nobody/Nothing-1B"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: model")
+
+
+def test_plan_memory_cli_advises_sharding_and_plans_it():
+    command = [sys.executable, "recipes/plan_memory.py", "--model", "meta-llama/Llama-3.1-70B-Instruct",
+               "--gpu_memory", "24GB", "--per_device_train_batch_size", "1", "--num_processes", "8"]
+    ddp = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert "8 processes (DDP: everything on every device)" in ddp.stdout
+    assert "does not fit even 1 sequence per device" in ddp.stdout
+    assert "or shard the model across the processes (accelerate_configs/fsdp_qlora.yaml)" in ddp.stdout
+    fsdp = subprocess.run([*command, "--strategy", "fsdp"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
+    assert "8 processes (FSDP full shard)" in fsdp.stdout and "whole units for compute" in fsdp.stdout
+    assert "24 GiB, checkpointing on: per_device_train_batch_size 1" in fsdp.stdout
+    assert "Not modelled (fsdp): communication buffers" in fsdp.stdout
+
+
+@pytest.mark.parametrize("config_name, strategy", [("multi_gpu.yaml", "ddp"), ("fsdp_qlora.yaml", "fsdp"),
+                                                   ("deepspeed_zero3.yaml", "zero3")])
+def test_recipe_plan_takes_the_strategy_from_its_launch(config_name, strategy, monkeypatch):
+    from test_distributed import CONFIGS, launch_env
+
+    from lora_recipes.config import parse_args
+    from lora_recipes.memory import setup_from_args
+
+    _, training_args, model_args = parse_args(SMOKE, ["--use_cpu", "false", "--bnb_4bit_quant_storage", "bfloat16"])
+    for key, value in launch_env(CONFIGS / config_name).items():  # 8 processes of that launch
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(type(training_args), "world_size", property(lambda _: 8))
+    setup = setup_from_args(training_args, model_args)
+    assert (setup.world_size, setup.strategy) == (8, strategy)
 
 
 def test_recipe_dry_run_plans_and_exits_before_loading(tmp_path):

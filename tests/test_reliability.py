@@ -1,12 +1,14 @@
 """What survives what: SIGKILL and resume, a finished run kept, NaN/inf stops the run, out of memory gives advice."""
 
 import json
+import math
 import os
 import pickle
 import shutil
 import signal
 import subprocess
 import time
+from itertools import pairwise
 
 import pytest
 import torch
@@ -135,6 +137,82 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
     assert not (tmp_path / "run_card.json").exists()
     weights = load_file(tmp_path / "checkpoint-1" / "adapter_model.safetensors")
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def fp16_steps(args, batches):
+    """Train a Linear layer as the Trainer does under fp16, with StopOnNonFiniteLoss: (skipped, scale, weight) per
+    step, and the RecipeError that stopped it (or None).
+
+    The Trainer's sequence (transformers 5.23 `_run_epoch`): accelerator.backward (the scaled loss), clip_grad_norm_
+    (which unscales the gradients), on_pre_optimizer_step, AcceleratedOptimizer.step (GradScaler.step + update),
+    zero_grad, on_step_end. accelerate gives fp16 a scaler on GPUs only; on CPU the same autocast fp16 and a real
+    `GradScaler("cpu")` overflow and skip exactly as they do there. Each batch is (inputs, loss factor).
+    """
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import TrainerControl, TrainerState
+
+    from lora_recipes.reliability import StopOnNonFiniteLoss
+
+    Accelerator(cpu=True)  # AcceleratedOptimizer reads the accelerator's state
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = AcceleratedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.01), device_placement=False,
+                                     scaler=torch.amp.GradScaler("cpu"))
+    callback, state, control = StopOnNonFiniteLoss(), TrainerState(), TrainerControl()
+    history = []
+    try:
+        for inputs, factor in batches:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(inputs).float().mean() * factor
+            optimizer.scaler.scale(loss).backward()
+            optimizer.scaler.unscale_(optimizer.optimizer)
+            callback.on_pre_optimizer_step(args, state, control, model=model, optimizer=optimizer)
+            optimizer.step()
+            model.zero_grad()
+            state.global_step += 1
+            callback.on_step_end(args, state, control, model=model, optimizer=optimizer)
+            history.append((optimizer.step_was_skipped, optimizer.scaler.get_scale(), model.weight.detach().clone()))
+    except RecipeError as e:
+        return history, e
+    return history, None
+
+
+FP16_MAX = torch.finfo(torch.float16).max
+# a mean over 8 rows of 0.5: the bias gradient is the loss scale itself, which overflows fp16 at the initial 2**16
+ROWS = torch.full((8, 4), 0.5)
+
+
+def test_an_fp16_loss_scaler_overflow_does_not_stop_the_run(tmp_path):
+    _, training_args, _ = parse_args(SMOKE, ["--output_dir", str(tmp_path)])
+    history, stopped = fp16_steps(training_args, [(ROWS, 1.0)] * 6)
+    assert stopped is None
+    initial_scale = torch.amp.GradScaler("cpu").get_scale()
+    assert initial_scale > FP16_MAX  # why the first step overflows
+    assert [skipped for skipped, _, _ in history] == [True, False, False, False, False, False]
+    assert [scale for _, scale, _ in history] == [initial_scale / 2] * 6
+    weights = [weight for _, _, weight in history]
+    assert all(not torch.equal(before, after) for before, after in pairwise(weights))  # it trains on
+
+
+@pytest.mark.parametrize("bad_batch", [
+    (torch.full((8, 4), float("nan")), 1.0),  # a NaN loss
+    (ROWS, 1e6),  # a finite loss whose gradients overflow fp16 even unscaled: every step skipped
+], ids=["nan-loss", "overflow-at-every-scale"])
+def test_fp16_stops_when_the_loss_scaler_skips_at_scale_one(tmp_path, bad_batch):
+    _, training_args, _ = parse_args(SMOKE, ["--output_dir", str(tmp_path)])
+    history, stopped = fp16_steps(training_args, [(ROWS, 1.0)] * 2 + [bad_batch] * 40)
+    skipped, scale_before, weight_before = history[1]  # two good batches: one overflow, one update
+    assert not skipped
+    # the scaler halves its scale at every skipped step; the run stops at the skip that took it below 1
+    skips = int(math.log2(scale_before)) + 1
+    assert stopped is not None and len(history) == 2 + skips - 1
+    assert str(stopped) == (
+        f"step {2 + skips}: the training loss is NaN or infinite (the fp16 loss scaler skipped the last {skips} "
+        f"updates, down to loss scale 0.5); training stopped before this update and no checkpoint was saved before "
+        f"it. Lower learning_rate (now {training_args.learning_rate:g}) and rerun with --overwrite_output_dir true "
+        "(resuming would restore the old learning rate)")
+    assert all(skipped and torch.equal(weight, weight_before) for skipped, _, weight in history[2:])
 
 
 def test_out_of_memory_ends_in_one_line_with_a_smaller_batch_keeping_the_global_batch(tmp_path, monkeypatch, capsys):
