@@ -22,7 +22,11 @@ class DataArguments:
         default=None,
         metadata={"help": "Training sources: Hub ids (ID, ID:CONFIG, ID@SPLIT, ID:CONFIG@SPLIT; the train split "
                           "unless named) or local files or folders (.jsonl, .json, .csv, .parquet, sentence@label "
-                          ".txt). Several sources form a mixture."},
+                          ".txt). Several sources form a mixture, each as it is, or with its share after the name: "
+                          "'SOURCE weight=W' (give every source a weight: they share their cleaned, deduplicated rows "
+                          "in proportion, the total unchanged) or 'SOURCE fraction=F' (F times its rows). Above its "
+                          "rows a source is upsampled (rows repeat, the data card says so); applied on each side of "
+                          "the train/eval split, seeded."},
     )
     eval_fraction: float = field(
         default=0.05, metadata={"help": "Share of the deduplicated rows held out for eval loss (seeded hash split)."}
@@ -107,6 +111,9 @@ def check_args(data_args: DataArguments, training_args, model_args) -> None:
     problems = []
     if not data_args.dataset_name:
         problems.append("dataset_name is empty: give at least one Hub id or local file")
+    for name in (data_args.dataset_name or []) + (data_args.eval_dataset_name or []):
+        if not isinstance(name, str):  # a YAML mapping reaches the dataclass as it is
+            problems.append(f"a source is a string, got {name!r}: write 'SOURCE weight=W' or 'SOURCE fraction=F'")
     if data_args.eval_after_training_limit is not None and data_args.eval_after_training_limit <= 0:
         problems.append(f"eval_after_training_limit must be > 0, got {data_args.eval_after_training_limit}")
     if not 0 <= data_args.eval_fraction < 1:

@@ -18,11 +18,13 @@ every domain:
 
 import hashlib
 import json
+import math
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import chain, islice
 from pathlib import Path
 
 from .errors import RecipeError
@@ -30,6 +32,9 @@ from .errors import RecipeError
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 ROLES = ("system", "user", "assistant")
 SOURCE_FORMS = "ID, ID:CONFIG, ID@SPLIT or ID:CONFIG@SPLIT (ID is owner/name), or a local file or folder"
+PARQUET_BATCH_ROWS = 10_000  # rows of a .parquet file converted at a time
+# A training source's share of the mixture, after its name: `SOURCE weight=W` or `SOURCE fraction=F` (see Source)
+MIXTURE = re.compile(r"(?P<name>.*\S)\s+(?P<kind>weight|fraction)=(?P<value>\S*)")
 # The split an eval source from the Hub reads when it names none and is not one of the domain's standard sets: `test`,
 # as `recipes/evaluate.py` reads it; never `train`, which the recipes train on
 HELD_OUT_SPLIT = "test"
@@ -81,6 +86,7 @@ class SourceReport:
     groups: int = 0  # distinct split groups of a source split by groups (0: split by prompt)
     eval_groups: int = 0
     split_note: str = ""  # why the split differs from the plain hash (a group moved so that each side has one)
+    mixture: str = ""  # the share asked for ('weight 2', 'fraction 0.5'); train + eval then differ from kept
 
 
 @dataclass
@@ -97,6 +103,9 @@ class PreparedData:
                          f"{dropped}")
         lines += [f"{s.source}: {s.truncated} rows longer than max_length are truncated" for s in self.sources
                   if s.truncated]
+        lines += [f"{s.source}: {s.mixture}: {s.kept} kept rows -> {s.train + s.eval}"
+                  + (" (upsampled: rows repeat)" if s.train + s.eval > s.kept else "")
+                  for s in self.sources if s.mixture]
         lines += [f"{s.source}: split by group, {s.eval_groups} of {s.groups} groups in eval"
                   + (f" ({s.split_note})" if s.split_note else "") for s in self.sources if s.groups]
         lines.append(f"total: {sum(s.read for s in self.sources)} read, {len(self.train)} train, "
@@ -110,13 +119,23 @@ class PreparedData:
 @dataclass(frozen=True)
 class Source:
     """A source as named: a local file or folder (`path`), or a Hub dataset (`repo_id`, `config`, `split`; None when
-    not named)."""
+    not named); a training source may carry its share of the mixture, `weight` or `fraction`."""
 
     text: str
     path: Path | None = None
     repo_id: str = ""
     config: str | None = None
     split: str | None = None
+    # weight=W: the sources share their rows in proportion to their weights (every training source has one);
+    # fraction=F: F times this source's rows. Either repeats rows where it asks for more than the source holds
+    weight: float | None = None
+    fraction: float | None = None
+
+    @property
+    def mixture(self) -> str:
+        """'weight W', 'fraction F', or '' (the source as it is)."""
+        return (f"weight {self.weight:g}" if self.weight is not None
+                else f"fraction {self.fraction:g}" if self.fraction is not None else "")
 
     @property
     def hub(self) -> str:
@@ -138,9 +157,23 @@ class Source:
 
 def parse_source(text: str) -> Source:
     """A local file or folder when the path exists or cannot be a Hub id (a data-file suffix, not one '/'), else a
-    Hub dataset `ID[:CONFIG][@SPLIT]`; a malformed Hub name is a one-line error that shows the forms."""
+    Hub dataset `ID[:CONFIG][@SPLIT]`; a malformed Hub name is a one-line error that shows the forms. A trailing
+    ` weight=W` or ` fraction=F` (a number > 0) sets the source's share of the mixture."""
     if not text.strip():  # Path("") is the current folder
         raise RecipeError(f"an empty source name; sources are {SOURCE_FORMS}")
+    mixture = MIXTURE.fullmatch(text.strip())
+    if mixture and not Path(text).exists():
+        try:
+            value = float(mixture["value"])
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise RecipeError(f"{text}: {mixture['kind']} must be a number > 0, got '{mixture['value']}'")
+        return replace(_parse_name(mixture["name"]), **{mixture["kind"]: value})
+    return _parse_name(text)
+
+
+def _parse_name(text: str) -> Source:
     path = Path(text)
     if path.exists():
         return Source(text, path=path)
@@ -170,6 +203,15 @@ def resolve_sources(sources: list[str], eval_sources: list[str] | None = None, e
     train = [parse_source(s).with_split("train") for s in sources]
     held_out = [parse_source(s) for s in eval_sources or []]
     held_out = [s.with_split(held_out_split(s, standard_splits or {})) for s in held_out]
+    weighted = [s.text for s in train if s.weight is not None]
+    if weighted and len(weighted) < len(train):
+        unweighted = ", ".join(s.text for s in train if s.weight is None)
+        raise RecipeError(f"{unweighted}: no weight, while {', '.join(weighted)} has one: weights share the mixture "
+                          "among all training sources, so give each one a weight (or use fraction=F per source)")
+    mixed = [s.text for s in held_out if s.mixture]
+    if mixed:
+        raise RecipeError(f"{', '.join(mixed)}: an eval source takes no weight or fraction (it is read whole); "
+                          "weigh the training sources")
     for source in train:
         for entry in map(parse_source, eval_only):
             if source.hub and source.hub == entry.hub and entry.split in (None, source.split):
@@ -194,21 +236,32 @@ def _decode(path: Path) -> str:
                           "as UTF-8)") from None
 
 
-def numbered_json_lines(path: Path, text: str | None = None) -> list[tuple[int, dict]]:
+def iter_json_lines(path: Path):
+    """(line number, object) for each non-blank line of a JSON-lines file, read one line at a time (memory: one line,
+    whatever the file's size); a bad line is a one-line error naming it."""
+    with path.open("rb") as f:
+        offset = 0
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise RecipeError(f"{path}: line {number}: bytes that are not UTF-8 at offset {offset + e.start} "
+                                  "(re-encode the file as UTF-8)") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise RecipeError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+            yield number, row
+
+
+def numbered_json_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSON-lines file; a bad line is a one-line error naming it."""
-    text = _decode(path) if text is None else text
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise RecipeError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((number, row))
-    return rows
+    return list(iter_json_lines(path))
 
 
 def _read_json_array(path: Path, text: str) -> list[dict]:
@@ -223,22 +276,25 @@ def _read_json_array(path: Path, text: str) -> list[dict]:
     return rows
 
 
-def _read_table(path: Path) -> list[dict]:
+def _read_table(path: Path):
+    """Rows of a .csv file (read whole: column types are inferred over the file), or of a .parquet file one record
+    batch at a time (memory: one batch of rows)."""
     import pyarrow as pa
 
     try:
         if path.suffix == ".csv":
             import pyarrow.csv as pacsv
 
-            table = pacsv.read_csv(path)
+            batches = pacsv.read_csv(path).to_batches()
         else:
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        for batch in batches:
+            yield from batch.to_pylist()
     except (pa.ArrowInvalid, OSError) as e:
         problem = str(e).strip().splitlines()[0]
         raise RecipeError(f"{path}: not a readable {path.suffix[1:]} file ({problem})") from None
-    return table.to_pylist()
 
 
 def _read_labelled_lines(path: Path) -> list[dict]:
@@ -263,16 +319,31 @@ def _read_labelled_lines(path: Path) -> list[dict]:
     return rows
 
 
+def _starts_with(path: Path, char: str) -> bool:
+    """Whether the first non-blank character of a text file is `char` (a .json file holding one array)."""
+    with path.open("rb") as f:
+        while chunk := f.read(4096):
+            text = chunk.decode("utf-8-sig", errors="replace").lstrip()
+            if text:
+                return text.startswith(char)
+    return False
+
+
+def iter_file(path: Path):
+    """Rows of one local file, with errors that name the file and the line; JSON lines are read one line at a time."""
+    if path.suffix in (".csv", ".parquet"):
+        yield from _read_table(path)
+    elif path.suffix == ".txt":
+        yield from _read_labelled_lines(path)
+    elif path.suffix == ".json" and _starts_with(path, "["):
+        yield from _read_json_array(path, _decode(path))
+    else:
+        yield from (row for _, row in iter_json_lines(path))
+
+
 def read_file(path: Path) -> list[dict]:
     """Rows of one local file, with errors that name the file and the line."""
-    if path.suffix in (".csv", ".parquet"):
-        rows = _read_table(path)
-    elif path.suffix == ".txt":
-        rows = _read_labelled_lines(path)
-    else:
-        text = _decode(path)
-        is_array = path.suffix == ".json" and text.lstrip().startswith("[")
-        rows = _read_json_array(path, text) if is_array else [row for _, row in numbered_json_lines(path, text)]
+    rows = list(iter_file(path))
     if not rows:
         raise RecipeError(f"{path}: the file has no rows")
     return rows
@@ -369,6 +440,12 @@ def prompt_key(messages: list[dict]) -> str:
     return normalise(question(messages))
 
 
+def digest(text: str) -> bytes:
+    """16 bytes standing for `text` in the deduplication sets (128 bits: among a billion rows the odds of any two
+    texts colliding are about 1 in 10**21)."""
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
 def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int) -> dict:
     try:
         validate_row(row, schema)
@@ -425,12 +502,15 @@ def _load_source(source: Source, schemas: list[Schema], max_rows: int | None, nu
             raise RecipeError(f"{source.text}: no such local file or folder (and not a Hub dataset id 'owner/name')")
         converted, schema_names = [], set()
         for file in local_files(path):
-            rows = read_file(file)[:max_rows]
-            schema = detect_schema(rows[0].keys(), schemas, str(file))
-            # converted before Arrow sees the rows: a wrong-typed value, nested ones included, names its row instead of
-            # breaking the table, and the columns no converter reads may hold anything. The progress bar closes on an
-            # error too, so the error starts a line of its own
-            with tqdm(enumerate(rows), total=len(rows), desc=f"Converting {file.name}", unit=" examples") as progress:
+            rows = islice(iter_file(file), max_rows)
+            first = next(rows, None)
+            if first is None:
+                raise RecipeError(f"{file}: the file has no rows")
+            schema = detect_schema(first.keys(), schemas, str(file))
+            # converted as they are read, before Arrow sees them: only the converted rows are kept, and a wrong-typed
+            # value, nested ones included, names its row instead of breaking the table, and the columns no converter
+            # reads may hold anything. The progress bar closes on an error too, so the error starts a line of its own
+            with tqdm(enumerate(chain([first], rows)), desc=f"Converting {file.name}", unit=" examples") as progress:
                 examples = [_convert(row, i, schema, str(file), 1) for i, row in progress]
             converted.append(Dataset.from_list(examples, features=_converted_features()))
             schema_names.add(schema.name)
@@ -491,6 +571,59 @@ def _eval_sides(examples: list[dict], seed: int, eval_fraction: float, report: S
     return [in_eval[key] for key in keys]
 
 
+def mixture_targets(sources: list[Source], counts: list[int]) -> list[int]:
+    """Rows each training source gives one side of the split, from the `counts` it holds there: with weights, the
+    sources share their rows in proportion to their weights (a source with none on this side takes no share); with
+    fractions, fraction x its rows; else all of them."""
+    if sources and sources[0].weight is not None:  # then every source has one (resolve_sources)
+        total_weight = sum(s.weight for s, n in zip(sources, counts, strict=True) if n)
+        return [round(s.weight / total_weight * sum(counts)) if n else 0
+                for s, n in zip(sources, counts, strict=True)]
+    return [n if s.fraction is None else round(s.fraction * n) for s, n in zip(sources, counts, strict=True)]
+
+
+def resample(examples: list[dict], target: int, seed: int) -> list[dict]:
+    """`target` rows from `examples`: each row target // len(examples) times, then the rest by a seeded hash of the
+    content (a seeded subset, the same whatever the row order)."""
+    if not examples:
+        return []
+    copies, rest = divmod(target, len(examples))
+    ranked = sorted(examples, key=lambda e: _position("mixture\x1f" + content_key(e["messages"]), seed))
+    return examples * copies + ranked[:rest]
+
+
+def token_lengths(dataset, tokenizer, assistant_only_loss: bool, num_proc: int | None = None,
+                  desc: str = "Measuring token lengths") -> dict[str, list]:
+    """Per example of a dataset of `messages`: `length` (tokens with the chat template), `first_target` and
+    `last_target` (indices of the first and last token in the loss: the assistant tokens with assistant_only_loss,
+    else every token; `length` and -1 when none is). Batched, in worker processes where the rows repay them."""
+
+    def measure(batch):
+        # verbose=False: the tokenizer's warning that long rows cause "indexing errors" is wrong here: they are cut to
+        # max_length, and counted
+        out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=assistant_only_loss,
+                                            tokenizer_kwargs={"verbose": False})
+        masks = out["assistant_masks"] if assistant_only_loss else [[1] * len(ids) for ids in out["input_ids"]]
+        return {"length": [len(ids) for ids in out["input_ids"]],
+                "first_target": [mask.index(1) if 1 in mask else len(mask) for mask in masks],
+                "last_target": [len(mask) - 1 - mask[::-1].index(1) if 1 in mask else -1 for mask in masks]}
+
+    measured = dataset.map(measure, batched=True, batch_size=256, remove_columns=dataset.column_names,
+                           num_proc=worth_processes(num_proc, len(dataset)), desc=desc)
+    return measured.to_dict()  # plain lists: a Dataset column read row by row costs more than the measuring
+
+
+def no_target_within(measured: dict[str, list], max_length: int, keep_end: bool) -> list[bool]:
+    """Per example: no loss token among the tokens TRL keeps (the first max_length, or with keep_end the last): TRL
+    drops such a row, nothing is left to learn."""
+    if keep_end:
+        return [last < length - max_length for length, last in zip(measured["length"], measured["last_target"],
+                                                                    strict=True)]
+    return [first >= min(length, max_length) for length, first in zip(measured["length"], measured["first_target"],
+                                                                      strict=True)]
+
+
 @dataclass(frozen=True)
 class TokenBudget:
     """How SFTTrainer will cut each row: its chat-template tokens, truncated to `max_length`."""
@@ -500,30 +633,28 @@ class TokenBudget:
     keep_end: bool = False  # truncation_mode 'keep_end'
     assistant_only_loss: bool = False  # then a row whose answer is cut off entirely has no loss (TRL drops it)
 
-    def fit(self, examples: list[dict], source: str, report: SourceReport, drops: Counter) -> list[dict]:
-        """The rows that still train once cut; counts the truncated ones, drops (counted) those left without answer."""
-        window = slice(-self.max_length, None) if self.keep_end else slice(None, self.max_length)
-        fitting, shortest = [], None
-        for start in range(0, len(examples), 1000):  # bounded memory: token ids live for one chunk only
-            chunk = examples[start:start + 1000]
-            # verbose=False: the tokenizer's warning that long rows cause "indexing errors" is wrong here: they are
-            # cut to max_length, and counted
-            encoded = self.tokenizer.apply_chat_template(
-                [e["messages"] for e in chunk], tokenize=True, return_dict=True,
-                return_assistant_tokens_mask=self.assistant_only_loss, tokenizer_kwargs={"verbose": False},
-            )
-            for i, example in enumerate(chunk):
-                length = len(encoded["input_ids"][i])
-                shortest = length if shortest is None else min(shortest, length)
-                report.truncated += length > self.max_length
-                if self.assistant_only_loss and 1 not in encoded["assistant_masks"][i][window]:
-                    drops["answer cut off by max_length"] += 1
-                else:
-                    fitting.append(example)
-        if shortest is not None and shortest > self.max_length:
+    def fit(self, examples: list[dict], source: str, report: SourceReport, drops: Counter,
+            num_proc: int | None = None) -> list[dict]:
+        """The rows that still train once cut; counts the truncated ones, drops (counted) those left without answer.
+        Measured in batches, in `num_proc` worker processes where the rows repay them (`worth_processes`)."""
+        from datasets import Dataset
+
+        if not examples:
+            return examples
+        chats = Dataset.from_dict({"messages": [e["messages"] for e in examples]})
+        measured = token_lengths(chats, self.tokenizer, self.assistant_only_loss, num_proc,
+                                 desc=f"Measuring {Path(source).name} in tokens")
+        shortest = min(measured["length"])
+        if shortest > self.max_length:
             raise RecipeError(f"{source}: every row is longer than max_length={self.max_length} tokens (the shortest "
                               f"has {shortest}): raise --max_length or shorten the rows")
-        return fitting
+        report.truncated += sum(length > self.max_length for length in measured["length"])
+        if not self.assistant_only_loss:
+            return examples
+        cut_off = no_target_within(measured, self.max_length, self.keep_end)
+        if any(cut_off):
+            drops["answer cut off by max_length"] += sum(cut_off)
+        return [example for example, no_answer in zip(examples, cut_off, strict=True) if not no_answer]
 
 
 def prepare_data(
@@ -544,17 +675,20 @@ def prepare_data(
     row of `sources` trains, except rows that ask an eval question (dropped, counted). With `budget`, rows longer
     than max_length are counted and rows it would leave without an answer are dropped (counted). `eval_only` (a
     domain's EVAL_ONLY) is refused as a training source. A source that keeps no row at all is an error, with the
-    reasons.
+    reasons. A training source's `weight=W` or `fraction=F` (see `Source`) then sets its rows on each side of the
+    split (`mixture_targets`, `resample`, seeded).
     """
     from datasets import Dataset
 
     train_sources, held_out_sources = resolve_sources(sources, eval_sources, eval_only, standard_splits)
-    seen: set[str] = set()  # content of every kept row: a repeat is a duplicate
-    held_out: set[str] = set()  # prompts of the eval sources: a training row asking one is dropped
-    train_rows, eval_rows, reports = [], [], []
+    # fixed-size digests, not the texts: memory per row stays 16 bytes whatever the length of its conversation
+    seen: set[bytes] = set()  # content of every kept row: a repeat is a duplicate
+    held_out: set[bytes] = set()  # prompts of the eval sources: a training row asking one is dropped
+    split = []  # per training source: its kept rows, and which go to eval
+    eval_rows, reports = [], []
     for is_eval, source in [(True, s) for s in held_out_sources] + [(False, s) for s in train_sources]:
         converted, schema_name = _load_source(source, schemas, max_rows_per_source, num_proc)
-        report = SourceReport(source=str(source), schema=schema_name, read=len(converted))
+        report = SourceReport(source=str(source), schema=schema_name, read=len(converted), mixture=source.mixture)
         drops = Counter()
         kept = []
         for example in converted:
@@ -562,30 +696,25 @@ def prepare_data(
                 drops[example["drop_reason"]] += 1
                 continue
             prompt = prompt_key(example["messages"])
-            if not is_eval and prompt and prompt in held_out:
+            if not is_eval and prompt and digest(prompt) in held_out:
                 drops["in the eval set"] += 1
                 continue
-            key = content_key(example["messages"])
+            key = digest(content_key(example["messages"]))
             if key in seen:
                 drops["duplicate"] += 1
                 continue
             seen.add(key)
             if is_eval:
-                held_out.add(prompt)
+                held_out.add(digest(prompt))
             kept.append(example)
         if budget is not None:
-            kept = budget.fit(kept, source.text, report, drops)
-        if is_eval or held_out_sources:
-            sides = [is_eval] * len(kept)
+            kept = budget.fit(kept, source.text, report, drops, num_proc)
+        if is_eval:
+            eval_rows += kept
+            report.eval = len(kept)
         else:
-            sides = _eval_sides(kept, seed, eval_fraction, report)
-        for example, in_eval in zip(kept, sides, strict=True):
-            if in_eval:  # the schema tells evaluation how to score the row (Schema.task)
-                eval_rows.append({"messages": example["messages"], "schema": example["schema"]})
-            else:
-                train_rows.append({"messages": example["messages"]})
-        report.eval = sum(sides)
-        report.train = len(kept) - report.eval
+            split.append((kept, [False] * len(kept) if held_out_sources
+                          else _eval_sides(kept, seed, eval_fraction, report)))
         report.kept = len(kept)
         report.dropped = dict(drops.most_common())
         reports.append(report)
@@ -594,11 +723,26 @@ def prepare_data(
             raise RecipeError(f"{source.text}: no row left to {'evaluate' if is_eval else 'train'} on "
                               f"(dropped: {reasons})")
 
+    # the mixture, on each side of the split: a copy stays on its original's side, so upsampling never brings a
+    # prompt or group to both
+    train_rows = []
+    for to_eval, rows in ((False, train_rows), (True, eval_rows)):
+        per_source = [[e for e, in_eval in zip(kept, sides, strict=True) if in_eval == to_eval]
+                      for kept, sides in split]
+        targets = mixture_targets(train_sources, [len(side) for side in per_source])
+        for report, side, target in zip(reports[len(held_out_sources):], per_source, targets, strict=True):
+            rows += resample(side, target, seed)
+            if to_eval:
+                report.eval = target
+            else:
+                report.train = target
     if not train_rows:
         raise RecipeError(f"no training rows left from {', '.join(sources)}: all {len(eval_rows)} kept rows fell in "
                           "the eval split; lower eval_fraction or add data")
     return PreparedData(
-        train=Dataset.from_list(train_rows),
-        eval=Dataset.from_list(eval_rows) if eval_rows else None,
+        train=Dataset.from_list([{"messages": e["messages"]} for e in train_rows]),
+        # the schema tells evaluation how to score an eval row (Schema.task)
+        eval=Dataset.from_list([{"messages": e["messages"], "schema": e["schema"]} for e in eval_rows])
+        if eval_rows else None,
         sources=reports,
     )

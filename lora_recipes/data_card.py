@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import normalise, question, worth_processes
+from .data import no_target_within, normalise, question, token_lengths
 from .run_card import redact, write_json
 
 CARD_JSON, CARD_MD, CARD_PLOT = "data_card.json", "data_card.md", "data_card_lengths.png"
@@ -34,38 +34,13 @@ _HASH_B = _rng.integers(0, 2**63, size=NUM_PERM, dtype=np.uint64)
 # ---------------------------------------------------------------------------------------------------------------
 # Token lengths
 # ---------------------------------------------------------------------------------------------------------------
-def token_lengths(dataset, tokenizer, assistant_only_loss: bool, num_proc: int | None = None) -> dict[str, list]:
-    """Per example: `length` (tokens with the chat template), `first_target` and `last_target` (indices of the first
-    and last token in the loss: the assistant tokens with assistant_only_loss, else every token; `length` and -1 when
-    none is)."""
-
-    def measure(batch):
-        out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=assistant_only_loss)
-        masks = out["assistant_masks"] if assistant_only_loss else [[1] * len(ids) for ids in out["input_ids"]]
-        return {"length": [len(ids) for ids in out["input_ids"]],
-                "first_target": [mask.index(1) if 1 in mask else len(mask) for mask in masks],
-                "last_target": [len(mask) - 1 - mask[::-1].index(1) if 1 in mask else -1 for mask in masks]}
-
-    measured = dataset.map(measure, batched=True, batch_size=256, remove_columns=dataset.column_names,
-                           num_proc=worth_processes(num_proc, len(dataset)),
-                           desc="Measuring token lengths")
-    return {name: measured[name] for name in ("length", "first_target", "last_target")}
-
-
 def length_stats(measured: dict[str, list], max_length: int | None, keep_end: bool = False) -> dict:
     lengths = np.array(measured["length"])
     if lengths.size == 0:
         return {"examples": 0}
     longer = int((lengths > max_length).sum()) if max_length else 0
-    no_target = 0
-    if max_length:
-        # what TRL keeps is the first max_length tokens, or with truncation_mode keep_end the last ones: a row with no
-        # loss token in that window leaves nothing to learn, and TRL drops it
-        if keep_end:
-            no_target = int((np.array(measured["last_target"]) < lengths - max_length).sum())
-        else:
-            no_target = int((np.array(measured["first_target"]) >= np.minimum(lengths, max_length)).sum())
+    # a row with no loss token among the tokens TRL keeps leaves nothing to learn, and TRL drops it
+    no_target = sum(no_target_within(measured, max_length, keep_end)) if max_length else 0
     return {
         "examples": int(lengths.size),
         "min": int(lengths.min()),
@@ -161,6 +136,17 @@ def source_counts(sources) -> tuple[list[dict], dict]:
     return rows, total
 
 
+def mixture_counts(sources) -> list[dict] | None:
+    """Per source, when any has a weight or fraction: rows and share of all rows before the mixture (kept) and after
+    it (train + eval), and how many times a row is used on average (above 1: upsampled, rows repeat)."""
+    if not any(s.mixture for s in sources):
+        return None
+    before, after = sum(s.kept for s in sources), sum(s.train + s.eval for s in sources)
+    return [{"source": s.source, "mixture": s.mixture or "-", "before": s.kept, "after": s.train + s.eval,
+             "share_before": round(s.kept / before, 4), "share_after": round((s.train + s.eval) / after, 4),
+             "uses_per_row": round((s.train + s.eval) / s.kept, 3)} for s in sources]
+
+
 def build_card(data, tokenizer, max_length: int | None, assistant_only_loss: bool = True,
                num_proc: int | None = None, keep_end: bool = False) -> tuple[dict, dict]:
     """The card's numbers for a PreparedData, and the per-example token lengths (for the plot); `keep_end`: the run
@@ -200,6 +186,7 @@ def build_card(data, tokenizer, max_length: int | None, assistant_only_loss: boo
         "assistant_only_loss": assistant_only_loss,
         "sources": sources,
         "total": total,
+        "mixture": mixture_counts(data.sources),
         "token_lengths": lengths,
         "overlap": eval_overlap,
         "warnings": warnings,
@@ -248,8 +235,18 @@ def to_markdown(card: dict) -> str:
                      f"{s['duplicates']} | {s['train']} | {s['eval']} |")
     t = card["total"]
     lines += [f"| **total** | | {t['read']} | {t['kept']} | {dropped(t['dropped'])} | {t['duplicates']} | "
-              f"{t['train']} | {t['eval']} |", "",
-              "## Token lengths", "",
+              f"{t['train']} | {t['eval']} |", ""]
+    if card["mixture"]:
+        lines += ["## Mixture", "",
+                  "Rows per source before the mixture (kept: cleaned and deduplicated) and after it (train + eval), "
+                  "applied on each side of the split, seeded. Above 1 use per row: upsampled, its rows repeat.", "",
+                  "| source | asked | rows before | share before | rows after | share after | uses per row |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {m['source']} | {m['mixture']} | {m['before']} | {m['share_before']:.1%} | {m['after']} | "
+                  f"{m['share_after']:.1%} | {m['uses_per_row']:g}{' (upsampled)' if m['uses_per_row'] > 1 else ''} |"
+                  for m in card["mixture"]]
+        lines.append("")
+    lines += ["## Token lengths", "",
               "| split | examples | min | mean | p50 | p90 | p99 | max | > max_length "
               "| no answer token within max_length |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
