@@ -24,7 +24,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from itertools import chain, islice
+from itertools import chain, groupby, islice
 from pathlib import Path
 
 from .errors import RecipeError
@@ -592,69 +592,119 @@ def resample(examples: list[dict], target: int, seed: int) -> list[dict]:
     return examples * copies + ranked[:rest]
 
 
-def token_lengths(dataset, tokenizer, assistant_only_loss: bool, num_proc: int | None = None,
-                  desc: str = "Measuring token lengths") -> dict[str, list]:
-    """Per example of a dataset of `messages`: `length` (tokens with the chat template), `first_target` and
-    `last_target` (indices of the first and last token in the loss: the assistant tokens with assistant_only_loss,
-    else every token; `length` and -1 when none is). Batched, in worker processes where the rows repay them."""
+def tokenize_chats(dataset, tokenizer, assistant_only_loss: bool, num_proc: int | None = None,
+                   desc: str = "Tokenizing") -> "datasets.Dataset":  # noqa: F821
+    """The `messages` of each example as SFTTrainer tokenizes them: `input_ids` with the chat template, and with
+    assistant_only_loss `assistant_masks`, the columns SFTTrainer takes as already tokenized. Batched, in worker
+    processes where the rows repay them."""
+    from datasets import Features, List, Value
 
-    def measure(batch):
+    def tokenize(batch):
         # verbose=False: the tokenizer's warning that long rows cause "indexing errors" is wrong here: they are cut to
         # max_length, and counted
         out = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=assistant_only_loss,
                                             tokenizer_kwargs={"verbose": False})
-        masks = out["assistant_masks"] if assistant_only_loss else [[1] * len(ids) for ids in out["input_ids"]]
-        return {"length": [len(ids) for ids in out["input_ids"]],
-                "first_target": [mask.index(1) if 1 in mask else len(mask) for mask in masks],
-                "last_target": [len(mask) - 1 - mask[::-1].index(1) if 1 in mask else -1 for mask in masks]}
+        return {name: out[name] for name in features}
 
-    measured = dataset.map(measure, batched=True, batch_size=256, remove_columns=dataset.column_names,
-                           num_proc=worth_processes(num_proc, len(dataset)), desc=desc)
-    return measured.to_dict()  # plain lists: a Dataset column read row by row costs more than the measuring
+    features = Features({"input_ids": List(Value("int32"))}
+                        | ({"assistant_masks": List(Value("int8"))} if assistant_only_loss else {}))
+    return dataset.map(tokenize, batched=True, batch_size=256, remove_columns=dataset.column_names, features=features,
+                       num_proc=worth_processes(num_proc, len(dataset)), desc=desc)
 
 
-def no_target_within(measured: dict[str, list], max_length: int, keep_end: bool) -> list[bool]:
-    """Per example: no loss token among the tokens TRL keeps (the first max_length, or with keep_end the last): TRL
-    drops such a row, nothing is left to learn."""
-    if keep_end:
+def token_lengths(dataset, tokenizer, assistant_only_loss: bool, num_proc: int | None = None,
+                  desc: str = "Measuring token lengths") -> dict[str, list]:
+    """Per example of a dataset of `messages`: `length` (tokens with the chat template), `first_target` and
+    `last_target` (indices of the first and last token in the loss: the assistant tokens with assistant_only_loss,
+    else every token; `length` and -1 when none is). Read from its token columns when it has them (`TokenBudget`
+    made them), else tokenized (`tokenize_chats`)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if "input_ids" not in dataset.column_names:
+        dataset = tokenize_chats(dataset, tokenizer, assistant_only_loss, num_proc, desc)
+    columns = ["input_ids"] + (["assistant_masks"] if assistant_only_loss else [])
+    measured = {"length": [], "first_target": [], "last_target": []}
+    # record batches of Arrow, counted with numpy: a Python list per row would cost more than the tokenizing
+    for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=65_536):
+        lengths = pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+        first, last = np.zeros_like(lengths), lengths - 1  # without assistant_only_loss every token is in the loss
+        if assistant_only_loss:
+            starts = np.cumsum(lengths) - lengths
+            ones = np.flatnonzero(pc.list_flatten(batch["assistant_masks"]).to_numpy(zero_copy_only=False))
+            rows = np.repeat(np.arange(len(lengths)), lengths)[ones]
+            first, last = lengths.copy(), np.full_like(lengths, -1)
+            with_target, at = np.unique(rows, return_index=True)  # the first 1 of each row that has one
+            first[with_target] = ones[at] - starts[with_target]
+            with_target, at = np.unique(rows[::-1], return_index=True)  # its last 1
+            last[with_target] = ones[::-1][at] - starts[with_target]
+        for name, values in (("length", lengths), ("first_target", first), ("last_target", last)):
+            measured[name] += values.tolist()
+    return measured
+
+
+def no_target_within(measured: dict[str, list], max_length: int | None, keep_end: bool) -> list[bool]:
+    """Per example: no loss token among the tokens TRL keeps (the first max_length, or with keep_end the last; all of
+    them without max_length): TRL drops such a row, nothing is left to learn."""
+    if keep_end and max_length is not None:
         return [last < length - max_length for length, last in zip(measured["length"], measured["last_target"],
                                                                     strict=True)]
-    return [first >= min(length, max_length) for length, first in zip(measured["length"], measured["first_target"],
-                                                                      strict=True)]
+    return [first >= min(length, max_length or length) for length, first in zip(measured["length"],
+                                                                                measured["first_target"], strict=True)]
 
 
 @dataclass(frozen=True)
 class TokenBudget:
-    """How SFTTrainer will cut each row: its chat-template tokens, truncated to `max_length`."""
+    """How SFTTrainer will cut each row: its chat-template tokens, truncated to `max_length` (None: not cut). The
+    token ids it measures are handed on with the rows (`prepare_data`), so that SFTTrainer does not tokenize again."""
 
     tokenizer: object
-    max_length: int
+    max_length: int | None
     keep_end: bool = False  # truncation_mode 'keep_end'
     assistant_only_loss: bool = False  # then a row whose answer is cut off entirely has no loss (TRL drops it)
 
     def fit(self, examples: list[dict], source: str, report: SourceReport, drops: Counter,
             num_proc: int | None = None) -> list[dict]:
-        """The rows that still train once cut; counts the truncated ones, drops (counted) those left without answer.
-        Measured in batches, in `num_proc` worker processes where the rows repay them (`worth_processes`)."""
+        """The rows that still train once cut, each with `tokens`: (its tokenized source, its row there); counts the
+        truncated ones, drops (counted) those left without answer. Measured in batches, in `num_proc` worker processes
+        where the rows repay them (`worth_processes`)."""
         from datasets import Dataset
 
         if not examples:
             return examples
         chats = Dataset.from_dict({"messages": [e["messages"] for e in examples]})
-        measured = token_lengths(chats, self.tokenizer, self.assistant_only_loss, num_proc,
-                                 desc=f"Measuring {Path(source).name} in tokens")
-        shortest = min(measured["length"])
-        if shortest > self.max_length:
-            raise RecipeError(f"{source}: every row is longer than max_length={self.max_length} tokens (the shortest "
-                              f"has {shortest}): raise --max_length or shorten the rows")
-        report.truncated += sum(length > self.max_length for length in measured["length"])
+        tokenized = tokenize_chats(chats, self.tokenizer, self.assistant_only_loss, num_proc,
+                                   desc=f"Measuring {Path(source).name} in tokens")
+        measured = token_lengths(tokenized, self.tokenizer, self.assistant_only_loss)
+        examples = [{**example, "tokens": (tokenized, row)} for row, example in enumerate(examples)]
+        if self.max_length is not None:
+            shortest = min(measured["length"])
+            if shortest > self.max_length:
+                raise RecipeError(f"{source}: every row is longer than max_length={self.max_length} tokens (the "
+                                  f"shortest has {shortest}): raise --max_length or shorten the rows")
+            report.truncated += sum(length > self.max_length for length in measured["length"])
         if not self.assistant_only_loss:
             return examples
         cut_off = no_target_within(measured, self.max_length, self.keep_end)
         if any(cut_off):
             drops["answer cut off by max_length"] += sum(cut_off)
         return [example for example, no_answer in zip(examples, cut_off, strict=True) if not no_answer]
+
+
+def with_token_ids(dataset, rows: list[dict]):
+    """`dataset` (one row per entry of `rows`) with the token columns `TokenBudget` made for those rows: SFTTrainer
+    takes a dataset with `input_ids` as tokenized, and builds its labels, truncation and drops from these columns
+    instead of applying the chat template again. Unchanged for rows measured by no budget."""
+    from datasets import concatenate_datasets
+
+    if not rows or "tokens" not in rows[0]:
+        return dataset
+    parts = []
+    for _, run in groupby((e["tokens"] for e in rows), key=lambda tokens: id(tokens[0])):  # rows of one source
+        run = list(run)
+        parts.append(run[0][0].select([row for _, row in run]))
+    return concatenate_datasets([dataset, concatenate_datasets(parts).flatten_indices()], axis=1)
 
 
 def prepare_data(
@@ -673,10 +723,10 @@ def prepare_data(
 
     With `eval_sources`, they are the eval set (a Hub one reads its held-out split, see `held_out_split`) and every
     row of `sources` trains, except rows that ask an eval question (dropped, counted). With `budget`, rows longer
-    than max_length are counted and rows it would leave without an answer are dropped (counted). `eval_only` (a
-    domain's EVAL_ONLY) is refused as a training source. A source that keeps no row at all is an error, with the
-    reasons. A training source's `weight=W` or `fraction=F` (see `Source`) then sets its rows on each side of the
-    split (`mixture_targets`, `resample`, seeded).
+    than max_length are counted and rows it would leave without an answer are dropped (counted), and train and eval
+    carry the token ids it measured (`with_token_ids`). `eval_only` (a domain's EVAL_ONLY) is refused as a training
+    source. A source that keeps no row at all is an error, with the reasons. A training source's `weight=W` or
+    `fraction=F` (see `Source`) then sets its rows on each side of the split (`mixture_targets`, `resample`, seeded).
     """
     from datasets import Dataset
 
@@ -740,9 +790,9 @@ def prepare_data(
         raise RecipeError(f"no training rows left from {', '.join(sources)}: all {len(eval_rows)} kept rows fell in "
                           "the eval split; lower eval_fraction or add data")
     return PreparedData(
-        train=Dataset.from_list([{"messages": e["messages"]} for e in train_rows]),
+        train=with_token_ids(Dataset.from_list([{"messages": e["messages"]} for e in train_rows]), train_rows),
         # the schema tells evaluation how to score an eval row (Schema.task)
-        eval=Dataset.from_list([{"messages": e["messages"], "schema": e["schema"]} for e in eval_rows])
-        if eval_rows else None,
+        eval=with_token_ids(Dataset.from_list([{"messages": e["messages"], "schema": e["schema"]} for e in eval_rows]),
+                            eval_rows) if eval_rows else None,
         sources=reports,
     )

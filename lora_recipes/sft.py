@@ -48,10 +48,11 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     # 3. Tokenizer, with a chat template that puts only the assistant turns (and their EOS) in the loss
     tokenizer = load_tokenizer(model_args, training_args)
 
-    # 4. Data: each source converted to chat messages, validated, deduplicated and split, rows measured in tokens as
-    #    SFTTrainer will cut them; the main process of each machine prepares it, every rank reads that copy. The data
-    #    card (counts, token lengths, train/eval overlap) is written before any model loads, so a data problem costs
-    #    seconds, not a GPU hour
+    # 4. Data: each source converted to chat messages, validated, deduplicated and split, and tokenized once, as
+    #    SFTTrainer tokenizes: the rows it will cut are counted, and it trains on these token ids without tokenizing
+    #    again. The main process of each machine prepares it, every rank reads that copy. The data card (counts, token
+    #    lengths, train/eval overlap) is written before any model loads, so a data problem costs seconds, not a GPU
+    #    hour
     data = prepare_data_once(training_args, lambda: prepare_data(
         data_args.dataset_name,
         domain.SCHEMAS,
@@ -62,9 +63,8 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         eval_sources=data_args.eval_dataset_name,
         eval_only=domain.EVAL_ONLY,
         standard_splits={eval_set.source: eval_set.split for eval_set in eval_sets(domain)},
-        budget=None if training_args.max_length is None else TokenBudget(
-            tokenizer, training_args.max_length, keep_end=training_args.truncation_mode == "keep_end",
-            assistant_only_loss=training_args.assistant_only_loss),
+        budget=TokenBudget(tokenizer, training_args.max_length, keep_end=training_args.truncation_mode == "keep_end",
+                           assistant_only_loss=training_args.assistant_only_loss),
     ))
     if training_args.process_index == 0:
         print(data.summary())
