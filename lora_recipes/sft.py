@@ -13,7 +13,7 @@ from types import ModuleType
 
 from .config import DataArguments, parse_args
 from .data import MIN_ROWS_PER_PROCESS_POOL, TokenBudget, prepare_data, worth_processes
-from .data_card import write_data_card
+from .data_card import plot_data_card, write_data_card
 from .distributed import launch_strategy, prepare_data_once, remove_data_cache
 from .errors import RecipeError, exit_on_recipe_error
 from .evaluation import eval_sets, evaluate_after_training
@@ -68,9 +68,10 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     ))
     if training_args.process_index == 0:
         print(data.summary())
+        # a training run draws the card's histogram after training (step 9): matplotlib would delay the first step
         write_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
                         training_args.assistant_only_loss, training_args.dataset_num_proc,
-                        keep_end=training_args.truncation_mode == "keep_end")
+                        keep_end=training_args.truncation_mode == "keep_end", plot=data_args.data_card_only)
     if data_args.data_card_only:
         remove_data_cache(training_args)
         return None
@@ -147,10 +148,13 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
         trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 
-    # 9. Loss curve next to the adapter; base vs adapter on the held-out split and the standard evaluation sets. Rank 0
-    #    evaluates alone, after the process group is gone: the other ranks have exited instead of waiting for it at a
-    #    barrier, whose timeout (ddp_timeout, 30 minutes by default) would fail the job after training succeeded
+    # 9. Loss curve and the data card's histogram next to the adapter; base vs adapter on the held-out split and the
+    #    standard evaluation sets. Rank 0 evaluates alone, after the process group is gone: the other ranks have exited
+    #    instead of waiting for it at a barrier, whose timeout (ddp_timeout, 30 minutes by default) would fail the job
+    #    after training succeeded
     if trainer.is_world_process_zero():
+        plot_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
+                       training_args.assistant_only_loss)
         plot_loss_curve(trainer.state.log_history, Path(training_args.output_dir) / "loss_curve.png")
         if data_args.eval_after_training:
             evaluate_after_training(trainer, domain, data.eval, data_args, training_args, model_args)
