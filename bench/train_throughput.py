@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py             # CPU here (2 cores: about 30 minutes), CUDA when present
     python bench/train_throughput.py --quick     # every section in miniature, ~1 minute (a test runs it)
+    python bench/train_throughput.py --launch    # section 4 alone, 6 launches each: bench/results/launch-<device>.*
 
 One run measures, on the same random-init model of realistic proportions (no download), the same data and seed:
 1. training throughput (non-padding tokens per second) and peak memory of the recipe (its real defaults,
@@ -11,7 +12,8 @@ One run measures, on the same random-init model of realistic proportions (no dow
    with the padding waste of each, for every attention implementation available here;
 3. data preparation (`prepare_data`) of 100k synthetic rows per source schema of every domain with samples: from a
    local file, and from the Arrow table a Hub id loads to, with `num_proc` 1 and 2;
-4. time from `accelerate launch recipes/sft_medical.py` to the first optimizer step, phase by phase;
+4. time from `accelerate launch recipes/sft_medical.py` to the first optimizer step, phase by phase, against a bare
+   TRL script, launched in turns, wall clock and CPU seconds;
 and on CUDA, the memory planner against the allocator's peak of real steps.
 
 Each trainer runs in its own process (`python -m lora_recipes.measure`); they take turns, one timed round of
@@ -26,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -252,39 +255,107 @@ def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdi
 PHASES = (("imports and tokenizer", "Converting "), ("data ready", "total: "),
           ("model and trainer ready", "global batch = "), ("first optimizer step", "'loss'"))
 BASELINE_PHASES = (("first optimizer step", '"first_step"'),)
+# The first step is the same work for both (model, batch, checkpointing); one micro-batch keeps it from drowning the
+# start-up that differs
+LAUNCH_ARGS = ("--logging_steps", "1", "--gradient_accumulation_steps", "1")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) of process `root` and its descendants so far, reaped children included (Linux)."""
+    parents, ticks = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:  # the process ended meanwhile
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        ticks[pid] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    tree, frontier = {root}, [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(frontier)
+    return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
 def timed_launch(cmd: list[str], phases: tuple) -> dict:
-    """Seconds from starting `cmd` to the first output line that holds each phase's marker."""
+    """Seconds from starting `cmd` to the first output line that holds each phase's marker, wall clock and CPU time of
+    its processes (`{"cpu_seconds": {phase: s}}`, which other load on the machine does not inflate as much); the
+    processes are stopped at the last marker."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    seen, tail = {}, []
-    for line in proc.stdout:
-        tail = (tail + [line])[-20:]
-        for phase, marker in phases:
-            if marker in line and phase not in seen:
-                seen[phase] = time.perf_counter() - started
-    if proc.wait() != 0 or len(seen) != len(phases):
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: the launcher and the script it starts
+    seen, cpu, tail = {}, {}, []
+    try:
+        for line in proc.stdout:
+            tail = (tail + [line])[-20:]
+            for phase, marker in phases:
+                if marker in line and phase not in seen:
+                    seen[phase] = time.perf_counter() - started
+                    cpu[phase] = tree_cpu_seconds(proc.pid)
+            if len(seen) == len(phases):
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if len(seen) != len(phases):
         missing = [phase for phase, _ in phases if phase not in seen]
         raise RuntimeError(f"{' '.join(cmd[-8:])}: failed or printed no marker for {missing}:\n{''.join(tail)}")
-    return seen
+    return {**seen, "cpu_seconds": cpu}
 
 
 def launch_to_first_step(model: Path, device: str, workdir: Path, repeats: int) -> dict:
+    """`repeats` launches of the recipe and of a bare TRL script each, interleaved (ABBA: each goes first in every
+    other round), so that the machine's load falls on both alike."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
     runs = {"recipe": [], BASELINE: []}
     for i in range(repeats):
-        args = [*run_args(device, model, workdir / f"launch{i}", 1), "--logging_steps", "1"]
-        runs["recipe"].append(timed_launch([*launcher, "recipes/sft_medical.py", *args], PHASES))
-        spec = {"kind": "baseline", "domain": "medical", "config": str(RECIPE_CONFIG), "args": args}
-        runs[BASELINE].append(timed_launch([*launcher, "-m", "lora_recipes.measure", json.dumps(spec)],
-                                           BASELINE_PHASES))
+        args = [*run_args(device, model, workdir / f"launch{i}", 1), *LAUNCH_ARGS]
+        spec = {"kind": "baseline", "domain": "medical", "config": str(RECIPE_CONFIG), "args": args, "launch": True}
+        commands = {"recipe": ([*launcher, "recipes/sft_medical.py", *args], PHASES),
+                    BASELINE: ([*launcher, "-m", "lora_recipes.measure", json.dumps(spec)], BASELINE_PHASES)}
+        for name in list(commands)[:: 1 if i % 2 == 0 else -1]:
+            runs[name].append(timed_launch(*commands[name]))
         print(f"  launch {i + 1}: first optimizer step after {runs['recipe'][-1]['first optimizer step']:.1f} s "
               f"(recipe), {runs[BASELINE][-1]['first optimizer step']:.1f} s (bare TRL)", flush=True)
     return runs
+
+
+def launch_ratio(launches: dict, clock: str = "wall") -> float:
+    """Median seconds to the first optimizer step, recipe over bare TRL, on the wall clock or in CPU seconds."""
+    def seconds(run):
+        return run["first optimizer step"] if clock == "wall" else run["cpu_seconds"]["first optimizer step"]
+
+    return (statistics.median(seconds(run) for run in launches["recipe"])
+            / statistics.median(seconds(run) for run in launches[BASELINE]))
+
+
+def launch_markdown(results: dict) -> str:
+    """The report of `--launch`: each phase, recipe against bare TRL, wall clock and CPU seconds."""
+    m, launches = results["machine"], results["launch"]
+    where = m["gpu"] if m["device"] == "cuda" else f"{m['cpu_cores']}-core CPU ({m['cpu']}), no GPU"
+    lines = [f"`{results['command']}` on {where}; load average {m['load_average_at_start']:.1f} at start, "
+             f"{results['load_average_at_end']:.1f} at the end. `accelerate launch recipes/sft_medical.py` (the real "
+             f"defaults, on the bench model: random-init shape {results['model']}, the medical samples, "
+             f"`{' '.join(LAUNCH_ARGS)}`) against a bare TRL `SFTTrainer` script on the same model, data and batch; "
+             f"{len(launches['recipe'])} launches each, interleaved.", "",
+             f"| `accelerate launch` to ... (median of {len(launches['recipe'])}) | recipe, wall | bare TRL, wall "
+             "| recipe, CPU | bare TRL, CPU |", "|---|---|---|---|---|"]
+    for phase, _ in PHASES:
+        cells = []
+        for clock in ("wall", "cpu"):
+            for name in ("recipe", BASELINE):
+                values = [run[phase] if clock == "wall" else run["cpu_seconds"][phase]
+                          for run in launches[name] if phase in run]
+                cells.append(f"{statistics.median(values):.1f} s" if values else "")
+        lines.append(f"| {phase} | {' | '.join(cells)} |")
+    lines += ["", f"Recipe / bare TRL, to the first optimizer step: **{launch_ratio(launches):.2f}x** wall clock, "
+              f"**{launch_ratio(launches, 'cpu'):.2f}x** CPU seconds (of the launcher and the script, which the other "
+              "load on a shared machine inflates less than the wall clock)."]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,14 +455,40 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def launch_only(device: str, repeats: int, output_dir: Path) -> None:
+    """Section 4 alone: writes `launch-<device>.json|md`."""
+    results = {"command": f"python bench/train_throughput.py --launch {repeats}", "machine": machine(device),
+               "model": BENCH_MODEL}
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        model = random_model(workdir / "model", **dict(BENCH_MODEL))
+        print("4. launch to first optimizer step", flush=True)
+        results["launch"] = launch_to_first_step(model, device, workdir, repeats)
+        results["launch_ratio"] = {"wall": launch_ratio(results["launch"]),
+                                   "cpu": launch_ratio(results["launch"], "cpu")}
+        results["load_average_at_end"] = os.getloadavg()[0]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"launch-{device}.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = launch_markdown(results)
+    (output_dir / f"launch-{device}.md").write_text(table)
+    print(table)
+
+
 def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="every section in miniature (seconds, not minutes)")
+    parser.add_argument("--launch", type=int, nargs="?", const=6, metavar="REPEATS",
+                        help="only section 4, launch to first step, with REPEATS launches each (default 6)")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.launch:
+        launch_only(device, args.launch, args.output_dir)
+        return
     warmup, rounds, steps_per_round = (1, 1, 1) if args.quick else (2, 12, 3)
     results = {"command": "python bench/train_throughput.py" + (" --quick" if args.quick else ""),
                "machine": machine(device)}
@@ -415,7 +512,7 @@ def main() -> None:
                                                        1 if args.quick else 2, workdir)
         partial.write_text(json.dumps(results, indent=2) + "\n")
         print("4. launch to first optimizer step", flush=True)
-        results["launch"] = launch_to_first_step(model, device, workdir, 1 if args.quick else 3)
+        results["launch"] = launch_to_first_step(model, device, workdir, 1 if args.quick else 5)
         if device == "cuda" and not args.quick:
             print("planner vs CUDA allocator", flush=True)
             results["planner_on_cuda"] = planner_on_cuda(workdir)

@@ -9,7 +9,8 @@ either through the recipe's own flow (`lora_recipes.sft.main`, the YAML and its 
                                      "args": ["--model_name_or_path", "...", ...], "warmup": 2, "rounds": 3,
                                      "steps_per_round": 1, "gate": false, "threads": 1, "track_tensors": false}'
 
-prints its events as JSON lines (`measure: {...}`); `measure_here(spec)` runs one in this process instead.
+prints its events as JSON lines (`measure: {...}`), with `"launch": true` only the first optimizer step's (timing a
+launch); `measure_here(spec)` runs one in this process instead.
 
 Memory, all reset when training starts, so that loading does not count: on CUDA the allocator's peak
 (`max_memory_allocated`); on CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) over the process
@@ -268,6 +269,18 @@ def baseline_trainer(domain, data_args, recipe_args, model_args, callbacks):
     )
 
 
+def first_step_marker(emit):
+    """The only probe of a timed launch (`"launch": true`): an event at the first optimizer step, nothing before."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                emit({"event": "first_step"})
+
+    return FirstStep()
+
+
 def run(spec: dict, emit) -> None:
     """Train as `spec` says (see the module docstring), passing the probe's events to `emit`."""
     import importlib
@@ -276,7 +289,6 @@ def run(spec: dict, emit) -> None:
     import trl  # noqa: F401  (imported before the baseline is taken)
 
     from .config import parse_args
-    from .sft import main
 
     if "threads" in spec:
         torch.set_num_threads(spec["threads"])
@@ -285,9 +297,12 @@ def run(spec: dict, emit) -> None:
     domain = importlib.import_module(f"data.{spec['domain']}")
     data_args, training_args, model_args = parse_args(Path(spec["config"]), spec["args"])
     training_args.include_num_input_tokens_seen = "non_padding"  # the throughput counts real tokens only
-    probe = make_probe(emit, baseline, spec.get("warmup", 0), spec.get("rounds", 1), spec.get("steps_per_round", 1),
-                       spec.get("gate", False), spec.get("track_tensors", False))
+    probe = first_step_marker(emit) if spec.get("launch") else make_probe(
+        emit, baseline, spec.get("warmup", 0), spec.get("rounds", 1), spec.get("steps_per_round", 1),
+        spec.get("gate", False), spec.get("track_tensors", False))
     if spec["kind"] == "recipe":
+        from .sft import main  # the bare baseline imports none of the recipe's flow
+
         main(domain, data_args, training_args, model_args, callbacks=[probe])
     else:
         baseline_trainer(domain, data_args, training_args, model_args, [probe]).train()

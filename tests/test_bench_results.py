@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from bench.train_throughput import BASELINE, PHASES, markdown
+from bench.train_throughput import BASELINE, PHASES, launch_markdown, launch_ratio, markdown
 from lora_recipes.data import MIN_ROWS_PER_PROCESS_POOL
 
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -42,6 +42,16 @@ def check_complete(r: dict, rows: int, variants: bool = True) -> None:
         assert [run[phase] for phase, _ in PHASES] == sorted(run[phase] for phase, _ in PHASES)
 
 
+def check_launches(launches: dict) -> None:
+    """As many launches of each, every phase after the one before on both clocks, the first step of each measured."""
+    assert len(launches["recipe"]) == len(launches[BASELINE]) > 0
+    for run in launches["recipe"]:
+        assert [run[phase] for phase, _ in PHASES] == sorted(run[phase] for phase, _ in PHASES)
+        cpu = [run["cpu_seconds"][phase] for phase, _ in PHASES]
+        assert cpu == sorted(cpu) and cpu[0] > 0
+    assert all(0 < run["cpu_seconds"]["first optimizer step"] for run in launches[BASELINE])
+
+
 def test_results_cover_every_section(cpu_results):
     assert cpu_results["command"] == "python bench/train_throughput.py" and cpu_results["machine"]["device"] == "cpu"
     assert all(len(t["rounds"]) >= 5 for t in cpu_results["trainers"].values())
@@ -55,6 +65,7 @@ def test_quick_run_writes_the_same_report(tmp_path):
     [report] = tmp_path.glob("*-quick.json")
     results = json.loads(report.read_text())
     check_complete(results, rows=MIN_ROWS_PER_PROCESS_POOL, variants=False)
+    check_launches(results["launch"])
     assert report.with_suffix(".md").read_text() == markdown(results) and not list(tmp_path.glob("*.partial.json"))
 
 
@@ -78,3 +89,13 @@ def test_readme_shows_the_committed_table(cpu_results):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     missing = [row for row in rows if row not in readme]
     assert not missing, f"README lacks these rows of bench/results/cpu.md: {missing}"
+
+
+def test_launch_results_are_complete_and_shown_as_measured():
+    results = json.loads((RESULTS / "launch-cpu.json").read_text())
+    assert results["command"].startswith("python bench/train_throughput.py --launch")
+    check_launches(results["launch"])
+    assert len(results["launch"]["recipe"]) >= 5
+    assert results["launch_ratio"] == pytest.approx({"wall": launch_ratio(results["launch"]),
+                                                     "cpu": launch_ratio(results["launch"], "cpu")})
+    assert (RESULTS / "launch-cpu.md").read_text() == launch_markdown(results)
