@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .distributed import strategy_problems
+from .distributed import global_batch_warning, strategy_problems
 from .errors import RecipeError
 from .memory import dry_run_without_gpu
 from .run_card import secret_env
@@ -103,6 +103,10 @@ def parse_args(default_config: Path, argv: list[str] | None = None):
     if gpu_plan:
         training_args.use_cpu = False
     check_args(data_args, training_args, model_args)
+    warning = global_batch_warning(config_path, training_args.per_device_train_batch_size,
+                                   training_args.gradient_accumulation_steps, training_args.world_size)
+    if warning and training_args.process_index == 0:
+        print(warning)
     return data_args, training_args, model_args
 
 
