@@ -15,6 +15,8 @@ from .run_card import secret_env
 
 # What the YAMLs of `recipes/new_domain.py` hold where the user's own value goes (`YOUR_ORG/YOUR_DATASET`)
 PLACEHOLDER = "YOUR_"
+# Not in requirements.txt (CI has no GPU for it): the version whose install and config handling were checked here
+DEEPSPEED = "deepspeed==0.19.8"
 
 
 @dataclass
@@ -103,7 +105,7 @@ def parse_args(default_config: Path, argv: list[str] | None = None):
         raise RecipeError(f"{config_path} + command line: {str(e).strip().splitlines()[0]}") from None
     except ImportError as e:  # e.g. a DeepSpeed accelerate config on a machine without deepspeed
         raise RecipeError(f"the launch needs a package that is not installed: {str(e).strip().splitlines()[0]} "
-                          "(DeepSpeed configs: pip install deepspeed)") from None
+                          f"(DeepSpeed configs: pip install {DEEPSPEED})") from None
     if gpu_plan:
         training_args.use_cpu = False
     check_args(data_args, training_args, model_args)

@@ -60,3 +60,21 @@ def test_pyproject_python_is_the_lowest_the_pins_install_on():
 def test_a_wrong_statement_is_caught(stated):
     """The check above fails for a promise the pins break (3.10) and for one stricter than they need (3.12)."""
     assert lowest_python([SpecifierSet(stated)]) != lowest_python(list(pinned_requires_python().values()))
+
+
+def test_every_install_command_outside_the_requirements_names_its_version():
+    """Each pip command that installs a package in the code and configs (the optional extras: deepspeed) pins a
+    version, the same one everywhere, so "the pinned stack" holds for what the project tells users to install."""
+    from lora_recipes.config import DEEPSPEED
+
+    files = [path for pattern in ("*.py", "*.yaml", "*.sh", "*.ipynb") for path in REPO_ROOT.rglob(pattern)
+             if not {".venv", ".git", "outputs"} & set(path.relative_to(REPO_ROOT).parts)]
+    installs = {}
+    for path in files:
+        text = path.read_text(errors="ignore")
+        for package in re.findall(r"pip install ([A-Za-z][\w.\-\[\]]*(?:==[\w.]+)?)", text):
+            installs.setdefault(package.split("==")[0], set()).add(package)
+    assert "deepspeed" in installs
+    assert {name: found for name, found in installs.items() if not all("==" in p for p in found)} == {}
+    assert {name: found for name, found in installs.items() if len(found) > 1} == {}
+    assert installs["deepspeed"] == {DEEPSPEED}
