@@ -26,6 +26,11 @@ def bash_blocks() -> list[str]:
     return re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.DOTALL)
 
 
+def later_commands() -> list[str]:
+    """The commands of the page's other bash blocks, one line each."""
+    return [line for block in bash_blocks()[1:] for line in block.strip().splitlines()]
+
+
 def run_line(line: str, cwd) -> subprocess.CompletedProcess:
     """One command of the page as a user types it: `accelerate launch ...` or `python ...`, with this interpreter."""
     argv = shlex.split(line)
@@ -110,7 +115,7 @@ def test_the_page_scaffolds_trains_and_evaluates_the_domain_on_its_own_data(foll
 def test_the_real_config_stops_in_one_line_until_its_placeholder_is_filled(followed):
     repo, (scaffold, _, _), _ = followed
     name = scaffold[2]
-    launch = next(shlex.split(line) for block in bash_blocks()[1:] for line in block.strip().splitlines()
+    launch = next(shlex.split(line) for line in later_commands()
                   if line == f"accelerate launch recipes/sft_{name}.py")  # the page's real-run command
     proc = run_line(shlex.join(launch), repo)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr  # 1: the launcher's status for any failure
@@ -163,3 +168,34 @@ def test_a_taken_or_invalid_name_is_refused(tmp_path, name, message):
         script.write_domain(name, root)
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
         "data", "data/medical.py", "data/samples", "recipes", "recipes/configs"]
+
+
+def test_the_data_card_command_shows_what_the_converter_made_of_a_file(followed):
+    repo, (scaffold, _, _), _ = followed
+    (line,) = [line for line in later_commands() if "--data_card_only" in line]
+    argv = shlex.split(line)
+    rows = [{"question": f"Is claim {i} covered?", "answer": f"Claim {i} is covered."} for i in range(12)]
+    (repo / flag(argv, "--dataset_name")).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = run_line(line, repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = (repo / flag(argv, "--output_dir") / "data_card.md").read_text()
+    assert flag(argv, "--dataset_name") in card
+    assert not (repo / flag(argv, "--output_dir") / "adapter_model.safetensors").exists()  # no model loaded
+
+
+def test_chat_rows_train_as_they_are_without_the_recipe_system_prompt(tmp_path):
+    """The page's `messages` row, through a recipe's schemas: its turns unchanged, the recipe's prompt not added."""
+    from data import finance
+    from lora_recipes.data import prepare_data
+
+    (example,) = re.findall(r"```json\n(.*?)\n```", DOC.read_text(), re.DOTALL)
+    row = json.loads(example)
+    without_system = {"messages": [{"role": "user", "content": "Is hail damage to a parked car covered?"},
+                                   {"role": "assistant", "content": "Yes, under comprehensive cover."}]}
+    chats = tmp_path / "my_chats.jsonl"
+    chats.write_text(json.dumps(row) + "\n" + json.dumps(without_system) + "\n")
+    data = prepare_data([str(chats)], finance.SCHEMAS, eval_fraction=0.0)
+    assert data.sources[0].schema == "messages"
+    assert sorted(map(json.dumps, list(data.train["messages"]))) == sorted([json.dumps(row["messages"]),
+                                                                      json.dumps(without_system["messages"])])
+    assert finance.SYSTEM_PROMPT not in json.dumps(list(data.train["messages"]))
