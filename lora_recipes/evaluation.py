@@ -18,7 +18,8 @@ in bounded batches and keeps the logits of one batch's scored tokens only. Every
 bootstrap interval over examples (seeded), and the paired difference adapter - base resamples the same examples.
 
 A domain module declares its standard evaluation sets as `EVAL_SETS = [EvalSet(...), ...]`, and each schema's task
-in `SCHEMAS`, so a new domain only adds those.
+in `SCHEMAS`, so a new domain only adds those; a domain without standard sets is scored on the held-out split of the
+adapter's own training run (`held_out_tasks`).
 """
 
 import importlib
@@ -62,7 +63,8 @@ class EvalArguments:
     dataset_name: list[str] | None = field(
         default=None,
         metadata={"help": "Evaluation data: local files or folders, or Hub ids (ID, ID:CONFIG, ID:CONFIG@SPLIT; the "
-                          "test split unless named). Default: the domain's standard evaluation sets."},
+                          "test split unless named). Default: the domain's standard evaluation sets; for a domain "
+                          "without any, the held-out split of the adapter's training run (from run_card.json)."},
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "The base model (default: base_model_name_or_path in adapter_config.json)."}
