@@ -501,3 +501,26 @@ def test_the_recipe_warns_when_the_launch_multiplies_the_batch(monkeypatch, caps
     assert f"differs from the {intended} that {SMOKE} is sized for" in line
     parse_args(SMOKE, ["--per_device_train_batch_size", str(written["per_device_train_batch_size"] // 4)])
     assert "warning: global batch" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("default_config", [None, "multi_gpu.yaml"])
+def test_a_bare_launch_is_not_single_gpu_yaml(monkeypatch, tmp_path, default_config):
+    """What single_gpu.yaml says of `accelerate launch` without --config_file, on a machine with 4 GPUs (faked): one
+    process per GPU, or whatever the user's default config says; naming single_gpu.yaml gives one process."""
+    import accelerate.commands.config.config_args as config_args
+    import accelerate.commands.launch as launch
+    import yaml
+
+    default = CONFIGS / default_config if default_config else tmp_path / "no_default_config.yaml"
+    for module in (launch, config_args):
+        monkeypatch.setattr(module, "default_config_file", str(default))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+
+    def processes(*flags):
+        args, _, _ = launch._validate_launch_command(launch.launch_command_parser().parse_args([*flags, "x.py"]))
+        return args.num_processes, bool(args.multi_gpu)
+
+    bare = yaml.safe_load(default.read_text())["num_processes"] if default_config else 4
+    assert processes() == (bare, True)
+    assert processes("--config_file", str(CONFIGS / "single_gpu.yaml")) == (1, False)
