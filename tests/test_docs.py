@@ -133,7 +133,7 @@ def parse_script(script: str, args: list[str]) -> None:
         module.main = lambda *dataclasses: parsed.append(dataclasses)  # run() parses, then calls main
         module.run(args)
         assert parsed
-    else:  # argparse scripts without a parser to import: the flags must be ones their --help lists
+    elif flags(args):  # argparse scripts without a parser to import: the flags must be ones their --help lists
         text = help_text([script])
         unknown = [f for f in flags(args) if not re.search(re.escape(f) + r"\b", text)]
         assert not unknown, f"{script} does not take {unknown}"
@@ -197,8 +197,11 @@ def check_command(words: list[str]) -> None:
 @pytest.mark.parametrize("doc", DOCS, ids=doc_id)
 def test_every_command_in_a_doc_parses(doc, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
+    created = set(SCAFFOLD.findall(doc.read_text()))
     failures = []
     for words in commands(doc):
+        if "recipes/new_domain.py" not in words and any(name in word for name in created for word in words):
+            continue  # it runs the files the scaffold command writes: tests/test_new_domain.py runs it as written
         try:
             check_command(words)
         except (Exception, SystemExit) as e:  # argparse exits on an unknown flag
