@@ -48,6 +48,7 @@ def test_results_cover_every_section(cpu_results):
     check_complete(cpu_results, rows=100_000)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_same_report(tmp_path):
     proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--quick", "--output_dir", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)

@@ -318,6 +318,7 @@ def test_ddp_writes_one_adapter_and_prepares_the_data_once(ddp_and_single):
     assert not (ddp_dir / "data_cache").exists()  # the shared copy is removed when every rank is done
 
 
+@pytest.mark.slow
 def test_a_killed_ddp_run_resumes_with_every_rank_training_the_same_adapter(tmp_path):
     """Two processes SIGKILLed once checkpoint-4 is complete, then the same command again: every rank ends with the
     same adapter, the one an uninterrupted two-process run trains, with the same losses after the restart. A
