@@ -15,7 +15,8 @@ from conftest import REPO_ROOT
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 TOP_LEVEL = ("recipes/", "data/", "lora_recipes/", "tests/", "accelerate_configs/", "notebooks/", "bench/", ".ci/",
              "docs/")
-PATH = re.compile(r"(?<![\w/.-])((?:" + "|".join(re.escape(t) for t in TOP_LEVEL) + r")[\w./*-]*)")
+# a path written as a pattern (`recipes/sft_<name>.py`) names no file
+PATH = re.compile(r"(?<![\w/.-])((?:" + "|".join(re.escape(t) for t in TOP_LEVEL) + r")[\w./*-]*)(?![\w./*<-])")
 LINK = re.compile(r"\]\(([^)\s]+)(?: \"[^\"]*\")?\)")
 BASH = re.compile(r"```bash\n(.*?)```", re.DOTALL)
 SCAFFOLD = re.compile(r"python recipes/new_domain\.py (\w+)")
