@@ -4,11 +4,14 @@
 # from the arguments.
 #
 #   sbatch --nodes 2 --ntasks-per-node 1 --gpus-per-node 4 accelerate_configs/slurm_multinode.sh \
-#       --nodes 2 --gpus_per_node 4 --recipe recipes/sft_medical.py --config recipes/configs/medical.yaml
+#       --nodes 2 --gpus_per_node 4 --recipe recipes/sft_medical.py --config recipes/configs/medical.yaml \
+#       -- --per_device_train_batch_size 2 --gradient_accumulation_steps 1
+#   (8 processes: 2 x 1 x 8 keeps the global batch of 16 that medical.yaml sets for one GPU as 4 x 4 x 1)
 #
 #   # print the command each node would run, without SLURM (also the way to launch by hand, one line per machine):
 #   accelerate_configs/slurm_multinode.sh --nodes 2 --gpus_per_node 4 --recipe recipes/sft_medical.py \
-#       --config recipes/configs/medical.yaml --main_address 10.0.0.1 --dry_run
+#       --config recipes/configs/medical.yaml --main_address 10.0.0.1 --dry_run \
+#       -- --per_device_train_batch_size 2 --gradient_accumulation_steps 1
 #
 # Options:
 #   --nodes N                 machines (must match sbatch --nodes)
@@ -22,7 +25,7 @@
 #   -- ARGS...                everything after -- goes to the recipe (e.g. -- --output_dir /shared/run1)
 set -euo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "error: $*" >&2; exit 2; }
 
 nodes="" gpus_per_node="" recipe="" config="" accelerate_config="accelerate_configs/multi_node.yaml"

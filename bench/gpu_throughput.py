@@ -1,6 +1,6 @@
 """The GPU section of the benchmark: what only a CUDA machine can measure, in one command.
 
-    python bench/gpu_throughput.py           # CUDA: ~15 minutes on one GPU; writes bench/results/<gpu>.json and .md
+    python bench/gpu_throughput.py           # CUDA (never run yet); writes bench/results/<gpu>.json and .md
     python bench/gpu_throughput.py --plan    # any machine: print what it would run, run nothing
 
 Without a CUDA device it prints the plan and exits 0 (skipped), so any script may call it. On the default model's

@@ -8,10 +8,15 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .distributed import strategy_problems
+from .distributed import global_batch_warning, strategy_problems
 from .errors import RecipeError
 from .memory import dry_run_without_gpu
 from .run_card import secret_env
+
+# What the YAMLs of `recipes/new_domain.py` hold where the user's own value goes (`YOUR_ORG/YOUR_DATASET`)
+PLACEHOLDER = "YOUR_"
+# Not in requirements.txt (CI has no GPU for it): the version whose install and config handling were checked here
+DEEPSPEED = "deepspeed==0.19.8"
 
 
 @dataclass
@@ -80,6 +85,7 @@ def parse_args(default_config: Path, argv: list[str] | None = None):
     config_path = Path(argv[argv.index("--config") + 1])
     if not config_path.is_file():
         raise RecipeError(f"{config_path}: config file not found")
+    refuse_placeholders(config_path, argv)
     # a dry run plans a GPU config on any machine (TrainingArguments refuses bf16 without a GPU; nothing trains)
     gpu_plan = dry_run_without_gpu(argv, config_path)
     # No abbreviations (a typo that is a prefix of a flag must not pass as that flag); argparse's own errors (a value
@@ -99,11 +105,29 @@ def parse_args(default_config: Path, argv: list[str] | None = None):
         raise RecipeError(f"{config_path} + command line: {str(e).strip().splitlines()[0]}") from None
     except ImportError as e:  # e.g. a DeepSpeed accelerate config on a machine without deepspeed
         raise RecipeError(f"the launch needs a package that is not installed: {str(e).strip().splitlines()[0]} "
-                          "(DeepSpeed configs: pip install deepspeed)") from None
+                          f"(DeepSpeed configs: pip install {DEEPSPEED})") from None
     if gpu_plan:
         training_args.use_cpu = False
     check_args(data_args, training_args, model_args)
+    warning = global_batch_warning(config_path, training_args.per_device_train_batch_size,
+                                   training_args.gradient_accumulation_steps, training_args.world_size)
+    if warning and training_args.process_index == 0:
+        print(warning)
     return data_args, training_args, model_args
+
+
+def refuse_placeholders(config_path: Path, argv: list[str]) -> None:
+    """A YAML written by recipes/new_domain.py stops here, in one line, while a key still holds a placeholder that the
+    command line does not replace (before any other check: on every machine the user sees this first)."""
+    import yaml
+
+    given = {arg.split("=")[0] for arg in argv}
+    written = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    unfilled = [f"{key} is still the placeholder {value}" for key, value in written.items()
+                if PLACEHOLDER in str(value) and f"--{key}" not in given]
+    if unfilled:
+        raise RecipeError(f"{config_path}: {'; '.join(unfilled)}: set your own (a Hub id or a local file, see "
+                          f"docs/new_domain.md) in the YAML or with --{unfilled[0].split()[0]}")
 
 
 def check_args(data_args: DataArguments, training_args, model_args) -> None:

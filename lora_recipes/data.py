@@ -796,3 +796,24 @@ def prepare_data(
                             eval_rows) if eval_rows else None,
         sources=reports,
     )
+
+
+def prepare_domain(domain, data_args, training_args, tokenizer) -> PreparedData:
+    """`prepare_data` for a recipe run: the sources `data_args` names, read with `domain`'s schemas, split with the
+    run's seed and tokenized once against its token budget (SFTTrainer trains on those ids). Training calls it;
+    `recipes/evaluate.py` calls it again with the settings in run_card.json to rebuild the same held-out split."""
+    from .evaluation import eval_sets
+
+    return prepare_data(
+        data_args.dataset_name,
+        domain.SCHEMAS,
+        eval_fraction=data_args.eval_fraction,
+        seed=training_args.seed,
+        max_rows_per_source=data_args.max_rows_per_source,
+        num_proc=training_args.dataset_num_proc,
+        eval_sources=data_args.eval_dataset_name,
+        eval_only=domain.EVAL_ONLY,
+        standard_splits={eval_set.source: eval_set.split for eval_set in eval_sets(domain)},
+        budget=TokenBudget(tokenizer, training_args.max_length, keep_end=training_args.truncation_mode == "keep_end",
+                           assistant_only_loss=training_args.assistant_only_loss),
+    )

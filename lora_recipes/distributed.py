@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .data import PreparedData, SourceReport
@@ -120,6 +120,33 @@ def strategy_problems(training_args, model_args) -> list[str]:
             "ddp_find_unused_parameters false: LoRA uses every adapter weight at every step)"
         )
     return problems
+
+
+def global_batch_warning(config_path: Path, per_device: int, accumulation: int, processes: int) -> str | None:
+    """One line when the global batch of this launch differs from the one the YAML is sized for: its
+    per_device_train_batch_size x gradient_accumulation_steps on one process (the recipes' YAMLs are written for one
+    GPU). More GPUs with the same YAML multiply the batch, which the learning rate and the step count were not set
+    for; None when they agree."""
+    import yaml
+    from trl import SFTConfig
+
+    written = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    defaults = {f.name: f.default for f in fields(SFTConfig)}
+    sized = {key: written.get(key, defaults[key]) for key in ("per_device_train_batch_size",
+                                                             "gradient_accumulation_steps")}
+    intended = sized["per_device_train_batch_size"] * sized["gradient_accumulation_steps"]
+    actual = per_device * accumulation * processes
+    if actual == intended:
+        return None
+    advice = ""
+    if intended % (per_device * processes) == 0:
+        advice = f"; to keep it, pass --gradient_accumulation_steps {intended // (per_device * processes)}"
+    elif intended % processes == 0:
+        advice = (f"; to keep it, set per_device_train_batch_size x gradient_accumulation_steps = "
+                  f"{intended // processes}")
+    return (f"warning: global batch {actual} ({per_device} per device x {accumulation} accumulation x {processes} "
+            f"processes) differs from the {intended} that {config_path} is sized for "
+            f"({sized['per_device_train_batch_size']} x {sized['gradient_accumulation_steps']} x 1 process){advice}")
 
 
 def _data_cache(training_args) -> Path:

@@ -18,7 +18,8 @@ in bounded batches and keeps the logits of one batch's scored tokens only. Every
 bootstrap interval over examples (seeded), and the paired difference adapter - base resamples the same examples.
 
 A domain module declares its standard evaluation sets as `EVAL_SETS = [EvalSet(...), ...]`, and each schema's task
-in `SCHEMAS`, so a new domain only adds those.
+in `SCHEMAS`, so a new domain only adds those; a domain without standard sets is scored on the held-out split of the
+adapter's own training run (`held_out_tasks`).
 """
 
 import importlib
@@ -28,9 +29,9 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
-from .data import HubUnreachable, held_out_split, load_converted, parse_source
+from .data import HubUnreachable, held_out_split, load_converted, parse_source, prepare_domain
 from .errors import RecipeError
 from .model import describe_quantization
 
@@ -62,7 +63,8 @@ class EvalArguments:
     dataset_name: list[str] | None = field(
         default=None,
         metadata={"help": "Evaluation data: local files or folders, or Hub ids (ID, ID:CONFIG, ID:CONFIG@SPLIT; the "
-                          "test split unless named). Default: the domain's standard evaluation sets."},
+                          "test split unless named). Default: the domain's standard evaluation sets; for a domain "
+                          "without any, the held-out split of the adapter's training run (from run_card.json)."},
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "The base model (default: base_model_name_or_path in adapter_config.json)."}
@@ -261,6 +263,28 @@ def standard_tasks(domain: ModuleType, limit: int | None) -> tuple[list[Task], l
         tasks += build_tasks(eval_set.name, rows, domain, limit, source=eval_set.source, split=eval_set.split,
                              dropped=report.dropped)
     return tasks, skipped
+
+
+def held_out_tasks(adapter: Path, card: dict | None, domain: ModuleType, limit: int | None) -> list[Task]:
+    """The held-out split of the adapter's own training run, rebuilt as the run split it (run_card.json: the same
+    sources, eval_fraction, seed and token budget): rows it never trained on. What a domain without standard
+    evaluation sets is scored on."""
+    from transformers import AutoTokenizer
+
+    from .config import DataArguments
+
+    if card is None:
+        raise RecipeError(f"{adapter}: no run_card.json to rebuild the held-out split from, and data/"
+                          f"{domain.__name__.split('.')[-1]}.py declares no EVAL_SETS: pass --dataset_name FILE or ID")
+    known = {f.name for f in fields(DataArguments)}
+    data_args = DataArguments(**{k: v for k, v in card["config"]["data"].items() if k in known})
+    training = SimpleNamespace(**card["config"]["training"])
+    tokenizer = AutoTokenizer.from_pretrained(adapter, trust_remote_code=bool(card.get("trust_remote_code")))
+    data = prepare_domain(domain, data_args, training, tokenizer)
+    if data.eval is None:
+        raise RecipeError(f"{adapter}: its training run held out no rows (eval_fraction "
+                          f"{data_args.eval_fraction}): pass --dataset_name FILE or ID")
+    return build_tasks("held_out", data.eval, domain, limit, source="held-out split of the training sources")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ class Setup:
     mixed_precision: str | None = None  # "bf16" or "fp16" autocast (TrainingArguments bf16 / fp16)
     use_peft: bool = True
     lora_r: int = 16
-    lora_dropout: float = 0.0  # the recipes' default (README: defaults from measurements)
+    lora_dropout: float = 0.0  # the recipes' default (docs/performance.md)
     lora_target_modules: str | list[str] | None = "all-linear"
     max_length: int = 2048
     per_device_train_batch_size: int = 4

@@ -1,4 +1,5 @@
-"""What the notebooks share: the repository root, offline defaults, and running a project script as a user would.
+"""What the notebooks share: the repository root, and running a project script as a user would (offline for the
+demo, with the Hub for a real run).
 
 The notebooks start in `notebooks/` (as Jupyter starts them); their first cell puts the repository on `sys.path`
 and imports this module.
@@ -12,23 +13,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CHATML_TEMPLATE = REPO / "lora_recipes" / "chat_templates" / "chatml.jinja"
 
-# The notebooks run offline on the tiny bundled model; nothing may reach for the Hub or prompt for a login.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The offline demo must not reach for the Hub. Set only in the environment of the scripts the demo runs: the kernel
+# keeps the user's own, so a real run started from a notebook downloads its model and data
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# No script a notebook starts may stop at a wandb login prompt, which a notebook cannot answer
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run(script: str, *args: str, launch: bool = False, cwd: Path = REPO, tail: int = 25) -> str:
+def script_env(offline: bool) -> dict[str, str]:
+    """The environment a script runs in: the kernel's, plus OFFLINE for the demo."""
+    return {**os.environ, **OFFLINE} if offline else dict(os.environ)
+
+
+def run(script: str, *args: str, launch: bool = False, cwd: Path = REPO, tail: int = 25, offline: bool = True) -> str:
     """Run `python script args` (or `accelerate launch script args`) from `cwd` and print the last output lines.
 
-    Progress bars go to stderr and are left out; on failure the error lines are raised.
+    `offline`: the demo's default; False lets a real run download from the Hub. Progress bars go to stderr and are
+    left out; on failure the error lines are raised.
     """
     launcher = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"] if launch else []
     command = [sys.executable, *launcher, script, *map(str, args)]
     print("$", "accelerate launch" if launch else "python", script, *map(str, args))
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=script_env(offline))
     if proc.returncode != 0:
         raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     lines = proc.stdout.rstrip().splitlines()

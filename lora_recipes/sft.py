@@ -12,11 +12,11 @@ from pathlib import Path
 from types import ModuleType
 
 from .config import DataArguments, parse_args
-from .data import MIN_ROWS_PER_PROCESS_POOL, TokenBudget, prepare_data, worth_processes
+from .data import MIN_ROWS_PER_PROCESS_POOL, prepare_domain, worth_processes
 from .data_card import plot_data_card, write_data_card
 from .distributed import launch_strategy, prepare_data_once, remove_data_cache
 from .errors import RecipeError, exit_on_recipe_error
-from .evaluation import eval_sets, evaluate_after_training
+from .evaluation import evaluate_after_training
 from .model import load_model, load_tokenizer
 from .plots import plot_loss_curve
 from .reliability import StopOnNonFiniteLoss, failures_in_one_line, keep_adapter_dtypes_on_resume, resume_point
@@ -53,19 +53,7 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     #    again. The main process of each machine prepares it, every rank reads that copy. The data card (counts, token
     #    lengths, train/eval overlap) is written before any model loads, so a data problem costs seconds, not a GPU
     #    hour
-    data = prepare_data_once(training_args, lambda: prepare_data(
-        data_args.dataset_name,
-        domain.SCHEMAS,
-        eval_fraction=data_args.eval_fraction,
-        seed=training_args.seed,
-        max_rows_per_source=data_args.max_rows_per_source,
-        num_proc=training_args.dataset_num_proc,
-        eval_sources=data_args.eval_dataset_name,
-        eval_only=domain.EVAL_ONLY,
-        standard_splits={eval_set.source: eval_set.split for eval_set in eval_sets(domain)},
-        budget=TokenBudget(tokenizer, training_args.max_length, keep_end=training_args.truncation_mode == "keep_end",
-                           assistant_only_loss=training_args.assistant_only_loss),
-    ))
+    data = prepare_data_once(training_args, lambda: prepare_domain(domain, data_args, training_args, tokenizer))
     if training_args.process_index == 0:
         print(data.summary())
         # a training run draws the card's histogram after training (step 9): matplotlib would delay the first step

@@ -12,8 +12,9 @@ A merged model (recipes/merge.py), deterministic answers:
     python recipes/chat.py --model_name_or_path outputs/medical-smoke-merged --greedy
 
 Several domains on one base, loaded once; each request picks its adapter:
-    python recipes/chat.py --adapter medical=outputs/medical-qlora --adapter legal=outputs/legal-qlora \
-        --use_adapter legal --prompt "Can my employer read my work email?"
+    python recipes/chat.py --adapter medical=outputs/medical-qwen2.5-1.5b-qlora \
+        --adapter legal=outputs/legal-qwen2.5-1.5b-qlora --use_adapter legal \
+        --prompt "Can my employer read my work email?"
 
 The base is loaded as in training (4-bit for a QLoRA adapter, from run_card.json); the system prompt is the one
 the adapter was trained with unless --system_prompt says otherwise (batch rows with their own system turn keep

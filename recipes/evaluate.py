@@ -7,6 +7,10 @@ Your own data, or a Hub dataset's named split (ID@SPLIT), a quick look at 200 ex
     python recipes/evaluate.py --adapter outputs/medical-qwen2.5-1.5b-qlora \
         --dataset_name my_cases.jsonl openlifescienceai/medmcqa@validation --limit 200 --output_dir outputs/eval-quick
 
+A domain without standard sets (finance, or a new one from recipes/new_domain.py): the held-out split of the
+adapter's own training data, rebuilt from run_card.json as the run split it (never trained on):
+    python recipes/evaluate.py --adapter outputs/finance-smoke --output_dir outputs/finance-smoke-eval
+
 Offline demo after the smoke training run, on its own training samples (memorisation, not generalisation):
     python recipes/evaluate.py --adapter outputs/medical-smoke --output_dir outputs/medical-smoke-eval --limit 40 \
         --dataset_name data/samples/medical/medqa.jsonl data/samples/medical/pubmedqa.jsonl \
@@ -26,6 +30,8 @@ from lora_recipes.errors import RecipeError, exit_on_recipe_error  # noqa: E402
 from lora_recipes.evaluation import (  # noqa: E402
     EvalArguments,
     compare,
+    eval_sets,
+    held_out_tasks,
     load_domain,
     load_for_evaluation,
     named_tasks,
@@ -47,11 +53,14 @@ def main(args: EvalArguments):
     trained = card["config"] if card else {"data": {"dataset_name": []}, "training": {"max_length": None}}
     args.max_length = args.max_length or trained["training"]["max_length"] or 2048
 
-    # 2. The tasks: the datasets named, or the domain's standard sets (each skipped, said why, when out of reach)
+    # 2. The tasks: the datasets named, or the domain's standard sets (each skipped, said why, when out of reach), or
+    #    for a domain without any, the held-out split of the adapter's training data
     if args.dataset_name:
         tasks, skipped = named_tasks(args.dataset_name, domain, args.limit, trained["data"]["dataset_name"]), []
-    else:
+    elif eval_sets(domain):
         tasks, skipped = standard_tasks(domain, args.limit)
+    else:
+        tasks, skipped = held_out_tasks(adapter, card, domain, args.limit), []
     if not tasks:
         raise RecipeError("nothing to evaluate: no standard set could be loaded; pass --dataset_name FILE or ID")
 

@@ -46,7 +46,7 @@ from recipes.merge import main as merge  # noqa: E402
 # What a GGUF must meet, by quantisation. f16: its logits are transformers' up to f16 rounding of the weights and
 # llama.cpp's f16 arithmetic (measured up to 0.17 over every prompt position on SmolLM2-135M, whose logits reach
 # 30: f16 keeps 11 significant bits), and greedy answers must be identical.
-# q8_0: the top token nearly always the same and a small KL (measured: README). q4_k_m: reported, not bounded.
+# q8_0: the top token nearly always the same and a small KL (each export: gguf_check.json). q4_k_m: reported only.
 BOUNDS = {
     "f16": {"max_logit_difference": 0.25},
     "q8_0": {"min_top1_agreement": 0.9, "max_mean_kl": 0.05},

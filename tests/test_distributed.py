@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, log_history
 from safetensors.torch import load_file
 
 from lora_recipes.config import check_args, parse_args
-from lora_recipes.distributed import launch_strategy
+from lora_recipes.distributed import global_batch_warning, launch_strategy
 from lora_recipes.errors import RecipeError
 from lora_recipes.reliability import last_checkpoint
 
@@ -318,6 +318,7 @@ def test_ddp_writes_one_adapter_and_prepares_the_data_once(ddp_and_single):
     assert not (ddp_dir / "data_cache").exists()  # the shared copy is removed when every rank is done
 
 
+@pytest.mark.slow
 def test_a_killed_ddp_run_resumes_with_every_rank_training_the_same_adapter(tmp_path):
     """Two processes SIGKILLed once checkpoint-4 is complete, then the same command again: every rank ends with the
     same adapter, the one an uninterrupted two-process run trains, with the same losses after the restart. A
@@ -418,3 +419,109 @@ def test_slurm_job_starts_the_same_commands_through_srun(tmp_path):
     proc = subprocess.run(["bash", str(SLURM), *SLURM_ARGS[:1], "3", *SLURM_ARGS[2:]], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --nodes 3 but the SLURM allocation has 2 nodes")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The global batch: the YAMLs are sized for one process, a launch on several must keep their batch
+# ---------------------------------------------------------------------------------------------------------------
+def launch_examples() -> list[tuple[str, list[str]]]:
+    """(file, command) for every multi-line-joined `accelerate launch --config_file` and SLURM launcher command
+    written in the accelerate configs' comments and the recipes' docstrings."""
+    examples = []
+    for path in [*sorted(CONFIGS.iterdir()), *sorted((REPO_ROOT / "recipes").glob("sft_*.py"))]:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        if path.suffix != ".py":  # the examples are in the comments (the SLURM script's code builds a command too)
+            lines = [line.removeprefix("#").strip() for line in lines if line.startswith("#")]
+        text = "\n".join(lines).replace("\\\n", " ")
+        for line in text.splitlines():
+            for start in ("accelerate launch --config_file", "accelerate_configs/slurm_multinode.sh --nodes"):
+                if start in line:
+                    examples.append((path.name, shlex.split(line[line.index(start):], comments=True)))
+    return examples
+
+
+def global_batch_of(command: list[str]) -> tuple[int, int, str | None]:
+    """(processes, global batch, the recipe's warning) of a launch example, its recipe flags parsed by the recipe."""
+    import yaml
+
+    def flag(args, name, default=None):
+        return args[args.index(name) + 1] if name in args else default
+
+    if command[0] == "accelerate":
+        recipe_at = next(i for i, arg in enumerate(command) if arg.endswith(".py"))
+        launcher, recipe, recipe_args = command[:recipe_at], command[recipe_at], command[recipe_at + 1:]
+        written = yaml.safe_load((REPO_ROOT / flag(launcher, "--config_file")).read_text())
+        processes = int(flag(launcher, "--num_processes", written["num_processes"]))
+    else:  # slurm_multinode.sh: nodes x GPUs per node, the recipe's flags after `--`
+        recipe = flag(command, "--recipe")
+        processes = int(flag(command, "--nodes")) * int(flag(command, "--gpus_per_node"))
+        passed_on = command[command.index("--") + 1:] if "--" in command else []
+        recipe_args = ["--config", flag(command, "--config"), *passed_on]
+    config = REPO_ROOT / flag(recipe_args, "--config", f"recipes/configs/{recipe.split('sft_')[1][:-3]}.yaml")
+    _, training_args, _ = parse_args(config, [*recipe_args, "--use_cpu", "true"])
+    per_device, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
+    return (processes, per_device * accumulation * processes,
+            global_batch_warning(config, per_device, accumulation, processes))
+
+
+def test_every_multi_gpu_example_keeps_the_yaml_global_batch():
+    examples = launch_examples()
+    assert len({name for name, _ in examples}) >= 7  # the six accelerate configs, the SLURM script and a recipe
+    multi = [(name, global_batch_of(command)) for name, command in examples]
+    assert sum(processes > 1 for _, (processes, _, _) in multi) >= 6
+    assert [(name, warning) for name, (_, _, warning) in multi if warning] == []
+    assert {batch for name, (_, batch, _) in multi if name.endswith(".yaml")} == {16}
+
+
+def test_the_global_batch_warning_names_both_batches_and_the_fix():
+    import yaml
+
+    medical = REPO_ROOT / "recipes" / "configs" / "medical.yaml"
+    written = yaml.safe_load(medical.read_text())
+    per_device, accumulation = written["per_device_train_batch_size"], written["gradient_accumulation_steps"]
+    assert global_batch_warning(medical, per_device, accumulation, 1) is None
+    warning = global_batch_warning(medical, per_device, accumulation, 4)
+    assert warning == (f"warning: global batch {per_device * accumulation * 4} ({per_device} per device x "
+                       f"{accumulation} accumulation x 4 processes) differs from the {per_device * accumulation} "
+                       f"that {medical} is sized for ({per_device} x {accumulation} x 1 process); to keep it, pass "
+                       f"--gradient_accumulation_steps {accumulation // 4}")
+    assert global_batch_warning(medical, per_device, accumulation // 4, 4) is None
+
+
+def test_the_recipe_warns_when_the_launch_multiplies_the_batch(monkeypatch, capsys):
+    """Four processes (faked) on a YAML sized for one: the warning before anything loads; none with the batch kept."""
+    import yaml
+    from trl import SFTConfig
+
+    monkeypatch.setattr(SFTConfig, "world_size", property(lambda self: 4))
+    written = yaml.safe_load(SMOKE.read_text())
+    intended = written["per_device_train_batch_size"] * written["gradient_accumulation_steps"]
+    parse_args(SMOKE, [])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: global batch")]
+    assert line.startswith(f"warning: global batch {intended * 4} (")
+    assert f"differs from the {intended} that {SMOKE} is sized for" in line
+    parse_args(SMOKE, ["--per_device_train_batch_size", str(written["per_device_train_batch_size"] // 4)])
+    assert "warning: global batch" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("default_config", [None, "multi_gpu.yaml"])
+def test_a_bare_launch_is_not_single_gpu_yaml(monkeypatch, tmp_path, default_config):
+    """What single_gpu.yaml says of `accelerate launch` without --config_file, on a machine with 4 GPUs (faked): one
+    process per GPU, or whatever the user's default config says; naming single_gpu.yaml gives one process."""
+    import accelerate.commands.config.config_args as config_args
+    import accelerate.commands.launch as launch
+    import yaml
+
+    default = CONFIGS / default_config if default_config else tmp_path / "no_default_config.yaml"
+    for module in (launch, config_args):
+        monkeypatch.setattr(module, "default_config_file", str(default))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+
+    def processes(*flags):
+        args, _, _ = launch._validate_launch_command(launch.launch_command_parser().parse_args([*flags, "x.py"]))
+        return args.num_processes, bool(args.multi_gpu)
+
+    bare = yaml.safe_load(default.read_text())["num_processes"] if default_config else 4
+    assert processes() == (bare, True)
+    assert processes("--config_file", str(CONFIGS / "single_gpu.yaml")) == (1, False)

@@ -1,5 +1,5 @@
-"""The committed evaluation benchmark (the run the README cites) is complete and shown as measured, and the benchmark
-still runs (`--quick`: the same report in miniature)."""
+"""The committed evaluation benchmark (the run docs/performance.md links) is complete and shown as measured, and
+the benchmark still runs (`--quick`: the same report in miniature)."""
 
 import json
 import statistics
@@ -56,7 +56,13 @@ def test_quick_run_writes_the_same_report(tmp_path):
     check_complete(results, examples=4)
 
 
-def test_readme_quotes_the_committed_run(cpu_results):
+def test_the_docs_link_the_committed_run_and_copy_none_of_it(cpu_results):
+    """One source: bench/results/eval-cpu.md is the report of eval-cpu.json; the docs link it and quote single figures
+    from the JSON (tests/test_figures.py), never a copy of its rows."""
     report = markdown(cpu_results)
     assert (RESULTS / "eval-cpu.md").read_text() == report
-    assert report.strip() in (REPO_ROOT / "README.md").read_text(), "README lacks bench/results/eval-cpu.md as is"
+    docs = {path: path.read_text() for path in [REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md")]}
+    assert "(../bench/results/eval-cpu.md)" in docs[REPO_ROOT / "docs" / "performance.md"]
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+    copied = [(path.name, row) for path, text in docs.items() for row in rows if row in text]
+    assert not copied, f"the docs copy rows of bench/results/eval-cpu.md: {copied}"

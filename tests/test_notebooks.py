@@ -1,6 +1,8 @@
 """The notebooks run top to bottom, offline, from notebooks/ as Jupyter starts them, and are linked in order."""
 
+import importlib
 import json
+import os
 import re
 
 import nbformat
@@ -9,6 +11,7 @@ from conftest import REPO_ROOT
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 EXPECTED = ["01_quickstart.ipynb", "02_data_preparation.ipynb", "03_new_domain.ipynb",
             "04_evaluate_merge_deploy.ipynb"]
 
@@ -62,3 +65,32 @@ def test_quickstart_trains_and_chats_with_the_real_model_when_switched(real_mode
     answer = printed.split("\n", 1)[1]  # after the echoed command
     print("real-model answer in the quickstart:", answer.strip())
     assert len(re.findall(r"[A-Za-z]{3,}", answer)) >= 3, printed
+
+
+def test_the_helper_keeps_the_kernel_online_and_runs_only_the_demo_offline(monkeypatch):
+    from lora_recipes import notebook
+
+    for name in OFFLINE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    importlib.reload(notebook)  # what the notebooks' first cell does to a fresh kernel
+    assert not [name for name in OFFLINE_VARS if name in os.environ]
+    demo, real = notebook.script_env(offline=True), notebook.script_env(offline=False)
+    assert [demo.get(name) for name in OFFLINE_VARS] == ["1", "1"]
+    assert not [name for name in OFFLINE_VARS if name in real]
+
+
+@pytest.mark.parametrize(("config", "offline"), [("recipes/configs/medical_smoke.yaml", True),
+                                                 ("recipes/configs/medical.yaml", False)])
+def test_quickstart_switch_runs_the_real_config_with_the_hub(config, offline):
+    """The switch cell and the training and chat cells, with `run` recording how it was called."""
+    notebook = nbformat.read(NOTEBOOK_DIR / "01_quickstart.ipynb", as_version=4)
+    (switch,) = [cell.source for cell in notebook.cells if "REAL_MODEL = False" in cell.source]
+    assert 'CONFIG = "recipes/configs/medical_smoke.yaml"' in switch
+    calls = []
+    namespace = {"REPO": REPO_ROOT, "real_model_overrides": list,
+                 "run": lambda script, *args, **kwargs: calls.append((script, kwargs.get("offline", True)))}
+    exec(switch.replace("recipes/configs/medical_smoke.yaml", config), namespace)
+    for cell in notebook.cells:
+        if cell.cell_type == "code" and cell.source.startswith(("log = run(", 'run("recipes/chat.py"')):
+            exec(cell.source, namespace)
+    assert calls == [("recipes/sft_medical.py", offline), ("recipes/chat.py", offline)]
