@@ -192,20 +192,66 @@ class GGUFModel:
         return generated
 
 
-def compare_logits(reference: list, candidate: list) -> dict:
-    """How far GGUF logits are from transformers' (lists of [positions, vocab] arrays, one per prompt)."""
+def top_margin(logits):
+    """How far the top logit is above the second, per position (a tensor [..., vocab] -> [...])."""
+    top2 = logits.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def compare_logits(reference: list, candidate: list, tie_margin: float) -> dict:
+    """How far GGUF logits are from transformers' (lists of [positions, vocab] arrays, one per prompt).
+
+    Top-1 agreement is counted over all positions and, apart, over the decisive ones, where transformers' top logit
+    leads the second by more than `tie_margin`; at the other positions (near ties) the two may pick different
+    tokens without either being wrong, so they are counted (`near_tie_flips`), not judged.
+    """
     import torch
 
-    difference, agree, kl, positions = 0.0, 0, 0.0, 0
+    difference, agree, kl, positions, decisive, decisive_agree, flips = 0.0, 0, 0.0, 0, 0, 0, 0
     for ref, cand in zip(reference, candidate, strict=True):
         ref, cand = (torch.as_tensor(x).float().reshape(-1, x.shape[-1]) for x in (ref, cand))  # [positions, vocab]
         difference = max(difference, (ref - cand).abs().max().item())
-        agree += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
+        same = ref.argmax(-1) == cand.argmax(-1)
+        clear = top_margin(ref) > tie_margin
+        agree += same.sum().item()
+        decisive += clear.sum().item()
+        decisive_agree += (same & clear).sum().item()
+        flips += (~same & ~clear).sum().item()
         log_p, log_q = ref.log_softmax(-1), cand.log_softmax(-1)
         kl += (log_p.exp() * (log_p - log_q)).sum().item()  # KL(transformers || GGUF), summed over positions
         positions += ref.shape[0]
     return {"max_logit_difference": difference, "top1_agreement": agree / positions, "mean_kl": kl / positions,
-            "positions": positions}
+            "positions": positions, "tie_margin": tie_margin, "decisive_positions": decisive,
+            "decisive_top1_agreement": decisive_agree / decisive if decisive else 1.0,
+            "near_ties": positions - decisive, "near_tie_flips": flips}
+
+
+def transformers_greedy(model, tokenizer, ids: list[int], max_new_tokens: int, eos_token_id) -> tuple[list, list]:
+    """transformers' greedy answer to the prompt `ids` and, per answer token, its logit's lead over the second."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device=model.device), do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos_token_id, pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences[0, len(ids):].tolist(), [top_margin(step[0].float()).item() for step in out.logits]
+
+
+def compare_greedy(expected: list[int], margins: list[float], answer: list[int], tie_margin: float) -> dict:
+    """A GGUF's greedy answer against transformers' (`expected`, with its per-token `margins`).
+
+    Up to where they part, both continued the same tokens, so at that step both saw the same context: they may part
+    only where transformers' top two logits were a near tie (lead <= `tie_margin`). `accepted` says whether they
+    did; `diverged_at` (the answer token where they part) and `margin` (transformers' lead there) report it.
+    """
+    common = next((i for i, (e, a) in enumerate(zip(expected, answer, strict=False)) if e != a),
+                  min(len(expected), len(answer)))
+    diverged = common < max(len(expected), len(answer))
+    margin = margins[common] if diverged and common < len(margins) else None
+    first_near_tie = next((i for i, m in enumerate(margins) if m <= tie_margin), None)
+    return {"tokens": len(expected), "identical": not diverged, "first_near_tie": first_near_tie,
+            "diverged_at": common if diverged else None, "margin": margin,
+            "accepted": not diverged or (margin is not None and margin <= tie_margin)}
 
 
 # Ollama Modelfile ---------------------------------------------------------------------------------------------
