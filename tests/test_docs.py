@@ -158,8 +158,11 @@ def check_command(words: list[str]) -> None:
         run = get_args_parser().parse_args(args)
         parse_script(run.training_script, run.training_script_args)
     elif program == "python" and args[:2] == ["-m", "pytest"]:
-        paths = [a for i, a in enumerate(args[2:], 2) if not a.startswith("-") and args[i - 1] not in ("-m", "-k")]
+        paths = [a for i, a in enumerate(args[2:], 2)
+                 if not a.startswith("-") and args[i - 1] not in ("-m", "-k", "-n", "--dist")]
         assert all((REPO_ROOT / a.split("::")[0]).exists() for a in paths), paths
+        text = help_text(["-m", "pytest"])  # -n and --dist exist only with pytest-xdist installed
+        assert all(f in text for f in flags(args[2:])), flags(args[2:])
     elif program == "python" and args[0] == "-m":
         module = args[1]
         assert importlib.util.find_spec(module) is not None, module
