@@ -14,6 +14,7 @@ from types import ModuleType
 from .config import DataArguments, parse_args
 from .data import MIN_ROWS_PER_PROCESS_POOL, TokenBudget, prepare_data, worth_processes
 from .data_card import write_data_card
+from .data_stream import stream_data, write_stream_card
 from .distributed import launch_strategy, prepare_data_once, remove_data_cache
 from .errors import RecipeError, exit_on_recipe_error
 from .evaluation import eval_sets, evaluate_after_training
@@ -52,34 +53,45 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     #    SFTTrainer will cut them; the main process of each machine prepares it, every rank reads that copy. The data
     #    card (counts, token lengths, train/eval overlap) is written before any model loads, so a data problem costs
     #    seconds, not a GPU hour
-    data = prepare_data_once(training_args, lambda: prepare_data(
-        data_args.dataset_name,
-        domain.SCHEMAS,
-        eval_fraction=data_args.eval_fraction,
-        seed=training_args.seed,
-        max_rows_per_source=data_args.max_rows_per_source,
-        num_proc=training_args.dataset_num_proc,
-        eval_sources=data_args.eval_dataset_name,
-        eval_only=domain.EVAL_ONLY,
-        standard_splits={eval_set.source: eval_set.split for eval_set in eval_sets(domain)},
-        budget=None if training_args.max_length is None else TokenBudget(
-            tokenizer, training_args.max_length, keep_end=training_args.truncation_mode == "keep_end",
-            assistant_only_loss=training_args.assistant_only_loss),
-    ))
-    if training_args.process_index == 0:
-        print(data.summary())
-        write_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
-                        training_args.assistant_only_loss, training_args.dataset_num_proc,
-                        keep_end=training_args.truncation_mode == "keep_end")
-    if data_args.data_card_only:
-        remove_data_cache(training_args)
-        return None
+    #    With --streaming true nothing is stored: rows are converted as training reads them (the card, of what was
+    #    read, is written after training)
+    if data_args.streaming:
+        data = stream_data(data_args.dataset_name, domain.SCHEMAS, data_args.eval_fraction,
+                           data_args.streaming_eval_rows, training_args.seed, domain.EVAL_ONLY)
+        # every rank reads the stream and trains on its own batches of it (accelerate's IterableDatasetShard): with
+        # dispatching, rank 0 would concatenate the ranks' batches, which fails for batches padded to their own length
+        training_args.accelerator_config.dispatch_batches = False
+    else:
+        data = prepare_data_once(training_args, lambda: prepare_data(
+            data_args.dataset_name,
+            domain.SCHEMAS,
+            eval_fraction=data_args.eval_fraction,
+            seed=training_args.seed,
+            max_rows_per_source=data_args.max_rows_per_source,
+            num_proc=training_args.dataset_num_proc,
+            eval_sources=data_args.eval_dataset_name,
+            eval_only=domain.EVAL_ONLY,
+            standard_splits={eval_set.source: eval_set.split for eval_set in eval_sets(domain)},
+            budget=None if training_args.max_length is None else TokenBudget(
+                tokenizer, training_args.max_length, keep_end=training_args.truncation_mode == "keep_end",
+                assistant_only_loss=training_args.assistant_only_loss),
+        ))
+        if training_args.process_index == 0:
+            print(data.summary())
+            write_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
+                            training_args.assistant_only_loss, training_args.dataset_num_proc,
+                            keep_end=training_args.truncation_mode == "keep_end")
+        if data_args.data_card_only:
+            remove_data_cache(training_args)
+            return None
     if data.eval is None and training_args.eval_strategy != "no":
         raise RecipeError("the eval split is empty: raise eval_fraction, add data, or set eval_strategy 'no'")
 
-    # SFTTrainer tokenizes with dataset_num_proc processes: only worth starting them for a large dataset
-    num_proc = worth_processes(training_args.dataset_num_proc, len(data.train))
-    if num_proc is None and (training_args.dataset_num_proc or 1) > 1 and training_args.process_index == 0:
+    # SFTTrainer tokenizes with dataset_num_proc processes: only worth starting them for a large dataset (a stream is
+    # tokenized as it is read, in this process)
+    num_proc = None if data_args.streaming else worth_processes(training_args.dataset_num_proc, len(data.train))
+    if num_proc is None and not data_args.streaming and (training_args.dataset_num_proc or 1) > 1 and \
+            training_args.process_index == 0:
         print(f"dataset_num_proc {training_args.dataset_num_proc} -> 1 process for {len(data.train):,} rows (worker "
               f"processes pay off from {MIN_ROWS_PER_PROCESS_POOL:,} rows)")
     training_args.dataset_num_proc = num_proc
@@ -134,6 +146,8 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
             "versions": package_versions(),
             "git_commit": git_commit(),
         })
+        if data_args.streaming:
+            write_stream_card(training_args.output_dir, data)
     trainer.accelerator.print(f"Adapter, tokenizer and run card saved to {training_args.output_dir}")
 
     # 8. Every rank leaves together: one still finishing a gloo collective while another exits can deadlock at exit.
