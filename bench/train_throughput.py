@@ -201,15 +201,17 @@ def synthetic_rows(sample_file: Path, rows: int, path: Path) -> Path:
 
 
 def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdir: Path) -> list[dict]:
-    """`prepare_data` on `rows` synthetic rows of every source schema, through both of its paths: a local file (read
-    and converted in one Python pass, so that an error names its line; `num_proc` does not apply) and the Arrow table
-    that `load_dataset` returns for a Hub id (converted with `Dataset.map`, where `num_proc` does apply). The Hub
-    table is read from the same rows beforehand, so its time is conversion, deduplication and split only."""
+    """`prepare_data` on `rows` synthetic rows of every source schema, through both of its paths: a local file (staged
+    as Arrow on disk a batch at a time, then converted from there, in this process) and the Arrow table that
+    `load_dataset` returns for a Hub id (converted with `Dataset.map` in `num_proc` processes). The Hub table is read
+    from the same rows beforehand, so its time is conversion, deduplication and split only. The local file is also
+    prepared once in a process of its own (`bench/data_memory.py`) for its peak memory."""
     import importlib
     from unittest import mock
 
     import datasets
 
+    from bench.data_memory import probe
     from lora_recipes import data as data_module
     from lora_recipes.data import detect_schema, prepare_data, read_file
 
@@ -240,6 +242,10 @@ def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdi
                 results.append({"domain": domain, "schema": schema, "rows": rows, "source": source_kind,
                                 "num_proc": num_proc, "seconds": seconds, "rows_per_s": rows / min(seconds),
                                 "kept": report.kept, "dropped": report.dropped})
+                if source_kind == "local file":
+                    alone = probe(path, domain)
+                    results[-1].update(file_bytes=alone["file_bytes"],
+                                       peak_memory_bytes=alone["peak_rss"] - alone["baseline_rss"])
                 print(f"  {domain}/{schema}, {source_kind}"
                       f"{f', num_proc {num_proc}' if num_proc else ''}: {rows / min(seconds):,.0f} rows/s", flush=True)
             path.unlink()
@@ -357,15 +363,21 @@ def markdown(results: dict) -> str:
     if results.get("data_preparation"):  # the GPU benchmark (bench/gpu_throughput.py) has no such section
         repeats = len(results["data_preparation"][0]["seconds"])
         num_procs = sorted({d["num_proc"] for d in results["data_preparation"] if d["num_proc"]})
-        lines += [f"| data preparation (`prepare_data`, rows/s, best of {repeats}) | rows | local .jsonl file | "
+        # size and peak memory: measured since bench/data_memory.py exists (results before it lack them)
+        memory = all("peak_memory_bytes" in d for d in results["data_preparation"] if d["source"] == "local file")
+        lines += [f"| data preparation (`prepare_data`, rows/s, best of {repeats}) | rows | "
+                  + ("file size | peak memory (local file) | " if memory else "") + "local .jsonl file | "
                   + " | ".join(f"Hub table, num_proc {n}" for n in num_procs) + " |",
-                  "|---|---|---|" + "---|" * len(num_procs)]
+                  "|---|---|---|" + "---|---|" * memory + "---|" * len(num_procs)]
         by_schema: dict[tuple, dict] = {}
         for d in results["data_preparation"]:
-            by_schema.setdefault((d["domain"], d["schema"], d["rows"]), {})[d["num_proc"]] = d["rows_per_s"]
-        for (domain, schema, rows), speed in by_schema.items():
-            lines.append(f"| {domain} / {schema} | {rows:,} | {speed[None]:,.0f} | "
-                         + " | ".join(f"{speed[n]:,.0f}" for n in num_procs) + " |")
+            by_schema.setdefault((d["domain"], d["schema"], d["rows"]), {})[d["num_proc"]] = d
+        for (domain, schema, rows), runs in by_schema.items():
+            local = runs[None]
+            size = (f"{local['file_bytes'] / 2**20:,.1f} MiB | {local['peak_memory_bytes'] / 2**20:,.0f} MiB | "
+                    if memory else "")
+            lines.append(f"| {domain} / {schema} | {rows:,} | {size}{local['rows_per_s']:,.0f} | "
+                         + " | ".join(f"{runs[n]['rows_per_s']:,.0f}" for n in num_procs) + " |")
     if results.get("launch"):
         launches = results["launch"]
         lines += ["", f"| `accelerate launch` to ... (median of {len(launches['recipe'])}) | recipe | bare TRL |",

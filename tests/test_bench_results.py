@@ -55,6 +55,8 @@ def test_quick_run_writes_the_same_report(tmp_path):
     [report] = tmp_path.glob("*-quick.json")
     results = json.loads(report.read_text())
     check_complete(results, rows=MIN_ROWS_PER_PROCESS_POOL, variants=False)
+    local = [d for d in results["data_preparation"] if d["source"] == "local file"]
+    assert all(d["file_bytes"] > 0 and d["peak_memory_bytes"] > 0 for d in local)
     assert report.with_suffix(".md").read_text() == markdown(results) and not list(tmp_path.glob("*.partial.json"))
 
 
