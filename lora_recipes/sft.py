@@ -53,37 +53,36 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     #    SFTTrainer will cut them; the main process of each machine prepares it, every rank reads that copy. The data
     #    card (counts, token lengths, train/eval overlap) is written before any model loads, so a data problem costs
     #    seconds, not a GPU hour
-    #    With --streaming true nothing is stored: rows are converted as training reads them (the card, of what was
-    #    read, is written after training)
+    #    With --streaming true nothing is stored: rows are converted as training reads them, and the card (of what was
+    #    read) is written after training
+    data = stream_data(data_args.dataset_name, domain.SCHEMAS, data_args.eval_fraction, data_args.streaming_eval_rows,
+                       training_args.seed, domain.EVAL_ONLY) if data_args.streaming else prepare_data_once(
+        training_args, lambda: prepare_data(
+        data_args.dataset_name,
+        domain.SCHEMAS,
+        eval_fraction=data_args.eval_fraction,
+        seed=training_args.seed,
+        max_rows_per_source=data_args.max_rows_per_source,
+        num_proc=training_args.dataset_num_proc,
+        eval_sources=data_args.eval_dataset_name,
+        eval_only=domain.EVAL_ONLY,
+        standard_splits={eval_set.source: eval_set.split for eval_set in eval_sets(domain)},
+        budget=None if training_args.max_length is None else TokenBudget(
+            tokenizer, training_args.max_length, keep_end=training_args.truncation_mode == "keep_end",
+            assistant_only_loss=training_args.assistant_only_loss),
+    ))
     if data_args.streaming:
-        data = stream_data(data_args.dataset_name, domain.SCHEMAS, data_args.eval_fraction,
-                           data_args.streaming_eval_rows, training_args.seed, domain.EVAL_ONLY)
         # every rank reads the stream and trains on its own batches of it (accelerate's IterableDatasetShard): with
         # dispatching, rank 0 would concatenate the ranks' batches, which fails for batches padded to their own length
         training_args.accelerator_config.dispatch_batches = False
-    else:
-        data = prepare_data_once(training_args, lambda: prepare_data(
-            data_args.dataset_name,
-            domain.SCHEMAS,
-            eval_fraction=data_args.eval_fraction,
-            seed=training_args.seed,
-            max_rows_per_source=data_args.max_rows_per_source,
-            num_proc=training_args.dataset_num_proc,
-            eval_sources=data_args.eval_dataset_name,
-            eval_only=domain.EVAL_ONLY,
-            standard_splits={eval_set.source: eval_set.split for eval_set in eval_sets(domain)},
-            budget=None if training_args.max_length is None else TokenBudget(
-                tokenizer, training_args.max_length, keep_end=training_args.truncation_mode == "keep_end",
-                assistant_only_loss=training_args.assistant_only_loss),
-        ))
-        if training_args.process_index == 0:
-            print(data.summary())
-            write_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
-                            training_args.assistant_only_loss, training_args.dataset_num_proc,
-                            keep_end=training_args.truncation_mode == "keep_end")
-        if data_args.data_card_only:
-            remove_data_cache(training_args)
-            return None
+    elif training_args.process_index == 0:
+        print(data.summary())
+        write_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
+                        training_args.assistant_only_loss, training_args.dataset_num_proc,
+                        keep_end=training_args.truncation_mode == "keep_end")
+    if data_args.data_card_only:
+        remove_data_cache(training_args)
+        return None
     if data.eval is None and training_args.eval_strategy != "no":
         raise RecipeError("the eval split is empty: raise eval_fraction, add data, or set eval_strategy 'no'")
 
