@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -26,8 +27,10 @@ sys.path.insert(0, str(REPO_ROOT))
 RESULTS = REPO_ROOT / "bench" / "results"
 SAMPLES = REPO_ROOT / "data" / "samples"
 # (domain, sample file, whether the rows are first converted to the messages schema): one domain schema, and chat
-# rows; legal rows are the longest of the samples (~0.7-0.9 kB), so that 2 GB is 2-3 million rows
-SCALE_SOURCES = (("legal", "case_hold.jsonl", False), ("legal", "law_stackexchange.jsonl", True))
+# rows, each lengthened to about ROW_BYTES (notes, filings and contracts run to pages: and on 2 cores shared with
+# other jobs, 2 GB of half-kilobyte rows would take hours)
+SCALE_SOURCES = (("medical", "medqa.jsonl", False), ("legal", "law_stackexchange.jsonl", True))
+ROW_BYTES = 4096
 
 
 def status_bytes(key: str) -> int:
@@ -75,7 +78,8 @@ def probe_here(path: Path, domain: str, num_proc: int | None) -> dict:
     return {"file_bytes": path.stat().st_size, "rows": report.read, "kept": report.kept, "schema": report.schema,
             "train": len(prepared.train), "num_proc": num_proc, "seconds": seconds,
             "rows_per_s": report.read / seconds, "baseline_rss": baseline, "peak_rss": status_bytes("VmHWM"),
-            "baseline_anon_rss": baseline_anon, "peak_anon_rss": sampler.stop()}
+            "baseline_anon_rss": baseline_anon, "peak_anon_rss": sampler.stop(),
+            "peak_child_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
 
 
 def probe(path: Path, domain: str, num_proc: int | None = None, timeout: float = 7200) -> dict:
@@ -89,9 +93,11 @@ def probe(path: Path, domain: str, num_proc: int | None = None, timeout: float =
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def synthetic_file(domain: str, sample_file: str, as_messages: bool, size: int, path: Path) -> Path:
+def synthetic_file(domain: str, sample_file: str, as_messages: bool, size: int, path: Path,
+                   row_bytes: int = 0) -> Path:
     """About `size` bytes of JSON lines: the sample file's rows repeated, each made distinct by a numbered text field
-    (so that deduplication keeps them all); `as_messages`: converted to the messages schema first."""
+    (so that deduplication keeps them all) and that field (the answer of a chat) repeated to about `row_bytes`;
+    `as_messages`: converted to the messages schema first."""
     from lora_recipes.data import DropRow, detect_schema, read_file
 
     samples = read_file(SAMPLES / domain / sample_file)
@@ -104,12 +110,21 @@ def synthetic_file(domain: str, sample_file: str, as_messages: bool, size: int, 
             except DropRow:  # the samples hold a few rows the converter skips on purpose
                 continue
         samples = chats
+    lengthened = []
+    for row in samples:
+        row = json.loads(json.dumps(row))
+        holder, key = (row["messages"][-1], "content") if as_messages else (
+            row, next(k for k, v in row.items() if isinstance(v, str) and len(v) > 20))
+        copies = max(1, (row_bytes - len(json.dumps(row))) // (len(holder[key]) + 1) + 1)
+        holder[key] = " ".join([holder[key]] * copies)
+        lengthened.append(row)
     with path.open("w", encoding="utf-8") as f:
         i = 0
         while f.tell() < size:
-            row = json.loads(json.dumps(samples[i % len(samples)]))
+            row = dict(lengthened[i % len(lengthened)])
             if as_messages:
-                row["messages"][0]["content"] += f" (#{i})"
+                row["messages"] = [{**row["messages"][0], "content": f"{row['messages'][0]['content']} (#{i})"},
+                                   *row["messages"][1:]]
             else:
                 text_field = next(k for k, v in row.items() if isinstance(v, str) and len(v) > 20)
                 row[text_field] = f"{row[text_field]} (#{i})"
@@ -121,15 +136,17 @@ def synthetic_file(domain: str, sample_file: str, as_messages: bool, size: int, 
 def markdown(results: dict) -> str:
     lines = [f"Command: `{results['command']}` on {results['machine']['cpu']} ({results['machine']['cpu_cores']} "
              f"cores, load average {results['machine']['load_average_at_start']:.1f} at start).", "",
-             "| data preparation (`prepare_data`) | schema | file size | rows | rows/s | num_proc | peak memory | "
-             "of which anonymous |", "|---|---|---|---|---|---|---|---|"]
+             "| data preparation (`prepare_data`) | schema | file size | rows | rows/s | MB/s | num_proc | peak memory"
+             " | of which anonymous | worker process peak |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         lines.append(f"| {r['source']} | {r['schema']} | {r['file_bytes'] / 2**30:.2f} GiB | {r['rows']:,} | "
-                     f"{r['rows_per_s']:,.0f} | {r['num_proc'] or 1} | "
+                     f"{r['rows_per_s']:,.0f} | {r['file_bytes'] / r['seconds'] / 1e6:,.1f} | {r['num_proc'] or 1} | "
                      f"{(r['peak_rss'] - r['baseline_rss']) / 2**20:,.0f} MiB | "
-                     f"{(r['peak_anon_rss'] - r['baseline_anon_rss']) / 2**20:,.0f} MiB |")
+                     f"{(r['peak_anon_rss'] - r['baseline_anon_rss']) / 2**20:,.0f} MiB | "
+                     + (f"{r['peak_child_rss'] / 2**20:,.0f} MiB |" if r["num_proc"] else "- |"))
     lines += ["", "Peak memory: the resident set's peak (VmHWM) above the one after the imports; anonymous: RssAnon's "
-              "peak (sampled every 10 ms) above its value after the imports."]
+              "peak (sampled every 10 ms) above its value after the imports; worker process peak: the largest "
+              "resident set of a conversion worker (num_proc > 1), whole."]
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +170,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as workdir:
         for domain, sample_file, as_messages in SCALE_SOURCES:
             path = synthetic_file(domain, sample_file, as_messages, int(args.gigabytes * 2**30),
-                                  Path(workdir) / f"{domain}-{Path(sample_file).stem}.jsonl")
+                                  Path(workdir) / f"{domain}-{Path(sample_file).stem}.jsonl", ROW_BYTES)
             run = probe(path, domain, args.num_proc)
             run["source"] = f"{domain} / {Path(sample_file).stem}" + (", as messages" if as_messages else "")
             results["runs"].append(run)

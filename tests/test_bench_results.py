@@ -89,7 +89,7 @@ def test_big_local_files_were_prepared_in_bounded_memory():
 
     results = json.loads((RESULTS / "data-scale-cpu.json").read_text())
     assert (RESULTS / "data-scale-cpu.md").read_text() == data_memory.markdown(results)
-    assert {r["schema"] for r in results["runs"]} == {"case_hold", "messages"}
+    assert {r["schema"] for r in results["runs"]} == {"medqa", "messages"}
     for run in results["runs"]:
         assert run["file_bytes"] >= 1.9 * 2**30 and run["rows"] > 1_000_000 and run["kept"] <= run["rows"]
         assert run["peak_rss"] < 2 * 2**30 and run["peak_anon_rss"] <= run["peak_rss"]
