@@ -37,7 +37,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from lora_recipes.data import MIN_ROWS_PER_PROCESS_POOL  # noqa: E402
-from lora_recipes.measure import collect, long_chats, measure, random_model, read_events, start  # noqa: E402
+from lora_recipes.measure import (  # noqa: E402
+    collect,
+    long_chats,
+    measure,
+    peak_rss,
+    random_model,
+    read_events,
+    release_free_memory,
+    reset_peak_rss,
+    start,
+)
 
 RESULTS = REPO_ROOT / "bench" / "results"
 BASELINE = "bare TRL SFTTrainer (TRL defaults)"
@@ -205,13 +215,12 @@ def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdi
     as Arrow on disk a batch at a time, then converted from there, in this process) and the Arrow table that
     `load_dataset` returns for a Hub id (converted with `Dataset.map` in `num_proc` processes). The Hub table is read
     from the same rows beforehand, so its time is conversion, deduplication and split only. The local file is also
-    prepared once in a process of its own (`bench/data_memory.py`) for its peak memory."""
+    measured for its peak memory: the growth of the resident set's peak (VmHWM, reset first) over its size before."""
     import importlib
     from unittest import mock
 
     import datasets
 
-    from bench.data_memory import probe
     from lora_recipes import data as data_module
     from lora_recipes.data import detect_schema, prepare_data, read_file
 
@@ -230,9 +239,12 @@ def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdi
                 seconds = []
                 with mock.patch.object(data_module, "load_hub_train_split", lambda *_, table=table: table):
                     for _ in range(repeats):
+                        before = release_free_memory()  # the previous run's garbage does not count
+                        reset_peak_rss()
                         started = time.perf_counter()
                         prepared = prepare_data([source], module.SCHEMAS, eval_fraction=0.01, num_proc=num_proc)
                         seconds.append(time.perf_counter() - started)
+                        peak = peak_rss() - before
                 report = prepared.sources[0]
                 if source_kind == "local file":
                     kept = report.kept  # the samples hold a few invalid rows: every path must drop the same ones
@@ -243,9 +255,7 @@ def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdi
                                 "num_proc": num_proc, "seconds": seconds, "rows_per_s": rows / min(seconds),
                                 "kept": report.kept, "dropped": report.dropped})
                 if source_kind == "local file":
-                    alone = probe(path, domain)
-                    results[-1].update(file_bytes=alone["file_bytes"],
-                                       peak_memory_bytes=alone["peak_rss"] - alone["baseline_rss"])
+                    results[-1].update(file_bytes=path.stat().st_size, peak_memory_bytes=peak)
                 print(f"  {domain}/{schema}, {source_kind}"
                       f"{f', num_proc {num_proc}' if num_proc else ''}: {rows / min(seconds):,.0f} rows/s", flush=True)
             path.unlink()
