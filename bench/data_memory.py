@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--num_proc", type=int, default=None)
     parser.add_argument("--gigabytes", type=float, default=2.0, help="size of each generated file")
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument("--schema", choices=("domain", "messages"), help="only this one of SCALE_SOURCES")
     args = parser.parse_args()
     if args.probe:
         print(json.dumps(probe_here(args.probe, args.domain, args.num_proc)))
@@ -165,10 +166,13 @@ def main() -> None:
     from bench.train_throughput import machine
 
     results = {"command": f"python bench/data_memory.py --gigabytes {args.gigabytes:g}"
-                          + (f" --num_proc {args.num_proc}" if args.num_proc else ""),
+                          + (f" --num_proc {args.num_proc}" if args.num_proc else "")
+                          + (f" --schema {args.schema}" if args.schema else ""),
                "machine": machine("cpu"), "runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-data-") as workdir:
         for domain, sample_file, as_messages in SCALE_SOURCES:
+            if args.schema and as_messages != (args.schema == "messages"):
+                continue
             path = synthetic_file(domain, sample_file, as_messages, int(args.gigabytes * 2**30),
                                   Path(workdir) / f"{domain}-{Path(sample_file).stem}.jsonl", ROW_BYTES)
             run = probe(path, domain, args.num_proc)
