@@ -94,6 +94,7 @@ class PreparedData:
     train: "datasets.Dataset"  # noqa: F821
     eval: "datasets.Dataset | None"  # noqa: F821
     sources: list[SourceReport]
+    work_dir: Path | None = None  # the staged and converted sources that train and eval map (removed at exit)
 
     def summary(self) -> str:
         lines = [f"{'source':<60} {'schema':<11} {'read':>7} {'kept':>7} {'train':>7} {'eval':>6}  dropped"]
@@ -804,4 +805,5 @@ def prepare_data(
         # the schema tells evaluation how to score an eval row (Schema.task)
         eval=concatenate_datasets(eval_rows).select_columns(["messages", "schema"]) if eval_rows else None,
         sources=reports,
+        work_dir=work_dir,
     )
