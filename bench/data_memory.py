@@ -122,9 +122,10 @@ def synthetic_file(domain: str, sample_file: str, as_messages: bool, size: int, 
         i = 0
         while f.tell() < size:
             row = dict(lengthened[i % len(lengthened)])
-            if as_messages:
-                row["messages"] = [{**row["messages"][0], "content": f"{row['messages'][0]['content']} (#{i})"},
-                                   *row["messages"][1:]]
+            if as_messages:  # the first user turn (deduplication leaves the system prompt out)
+                user = next(n for n, m in enumerate(row["messages"]) if m["role"] == "user")
+                row["messages"] = [*row["messages"][:user], {**row["messages"][user], "content":
+                                   f"{row['messages'][user]['content']} (#{i})"}, *row["messages"][user + 1:]]
             else:
                 text_field = next(k for k, v in row.items() if isinstance(v, str) and len(v) > 20)
                 row[text_field] = f"{row[text_field]} (#{i})"
