@@ -81,3 +81,15 @@ def test_readme_shows_the_committed_table(cpu_results):
     missing = [row for row in rows if row not in readme]
     assert not missing, f"README lacks these rows of bench/results/cpu.md: {missing}"
 
+
+
+def test_a_2gb_local_file_was_prepared_in_bounded_memory():
+    """bench/data_memory.py's committed run: ~2 GB of JSON lines (chat rows) prepared with every process's peak
+    resident set under 2 GB, every row read and kept (distinct), shown as measured."""
+    from bench import data_memory
+
+    results = json.loads((RESULTS / "data-scale-cpu.json").read_text())
+    assert (RESULTS / "data-scale-cpu.md").read_text() == data_memory.markdown(results)
+    for run in results["runs"]:
+        assert run["file_bytes"] >= 1.9 * 2**30 and run["kept"] == run["rows"] > 400_000
+        assert run["peak_rss"] < 2 * 2**30 and run["peak_child_rss"] < 2 * 2**30
