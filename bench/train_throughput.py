@@ -40,7 +40,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from lora_recipes.data import MIN_ROWS_PER_PROCESS_POOL  # noqa: E402
-from lora_recipes.measure import collect, long_chats, measure, random_model, read_events, start  # noqa: E402
+from lora_recipes.measure import (  # noqa: E402
+    collect,
+    long_chats,
+    measure,
+    peak_rss,
+    random_model,
+    read_events,
+    release_free_memory,
+    reset_peak_rss,
+    start,
+)
 
 RESULTS = REPO_ROOT / "bench" / "results"
 BASELINE = "bare TRL SFTTrainer (TRL defaults)"
@@ -204,10 +214,11 @@ def synthetic_rows(sample_file: Path, rows: int, path: Path) -> Path:
 
 
 def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdir: Path) -> list[dict]:
-    """`prepare_data` on `rows` synthetic rows of every source schema, through both of its paths: a local file (read
-    and converted in one Python pass, so that an error names its line; `num_proc` does not apply) and the Arrow table
-    that `load_dataset` returns for a Hub id (converted with `Dataset.map`, where `num_proc` does apply). The Hub
-    table is read from the same rows beforehand, so its time is conversion, deduplication and split only."""
+    """`prepare_data` on `rows` synthetic rows of every source schema, through both of its paths: a local file (staged
+    as Arrow on disk a batch at a time, then converted from there, in this process) and the Arrow table that
+    `load_dataset` returns for a Hub id (converted with `Dataset.map` in `num_proc` processes). The Hub table is read
+    from the same rows beforehand, so its time is conversion, deduplication and split only. The local file is also
+    measured for its peak memory: the growth of the resident set's peak (VmHWM, reset first) over its size before."""
     import importlib
     from unittest import mock
 
@@ -231,9 +242,12 @@ def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdi
                 seconds = []
                 with mock.patch.object(data_module, "load_hub_train_split", lambda *_, table=table: table):
                     for _ in range(repeats):
+                        before = release_free_memory()  # the previous run's garbage does not count
+                        reset_peak_rss()
                         started = time.perf_counter()
                         prepared = prepare_data([source], module.SCHEMAS, eval_fraction=0.01, num_proc=num_proc)
                         seconds.append(time.perf_counter() - started)
+                        peak = peak_rss() - before
                 report = prepared.sources[0]
                 if source_kind == "local file":
                     kept = report.kept  # the samples hold a few invalid rows: every path must drop the same ones
@@ -243,6 +257,8 @@ def data_preparation(rows: int, num_procs: tuple[int, ...], repeats: int, workdi
                 results.append({"domain": domain, "schema": schema, "rows": rows, "source": source_kind,
                                 "num_proc": num_proc, "seconds": seconds, "rows_per_s": rows / min(seconds),
                                 "kept": report.kept, "dropped": report.dropped})
+                if source_kind == "local file":
+                    results[-1].update(file_bytes=path.stat().st_size, peak_memory_bytes=peak)
                 print(f"  {domain}/{schema}, {source_kind}"
                       f"{f', num_proc {num_proc}' if num_proc else ''}: {rows / min(seconds):,.0f} rows/s", flush=True)
             path.unlink()
@@ -428,15 +444,21 @@ def markdown(results: dict) -> str:
     if results.get("data_preparation"):  # the GPU benchmark (bench/gpu_throughput.py) has no such section
         repeats = len(results["data_preparation"][0]["seconds"])
         num_procs = sorted({d["num_proc"] for d in results["data_preparation"] if d["num_proc"]})
-        lines += [f"| data preparation (`prepare_data`, rows/s, best of {repeats}) | rows | local .jsonl file | "
+        # size and peak memory: measured since bench/data_memory.py exists (results before it lack them)
+        memory = all("peak_memory_bytes" in d for d in results["data_preparation"] if d["source"] == "local file")
+        lines += [f"| data preparation (`prepare_data`, rows/s, best of {repeats}) | rows | "
+                  + ("file size | peak memory (local file) | " if memory else "") + "local .jsonl file | "
                   + " | ".join(f"Hub table, num_proc {n}" for n in num_procs) + " |",
-                  "|---|---|---|" + "---|" * len(num_procs)]
+                  "|---|---|---|" + "---|---|" * memory + "---|" * len(num_procs)]
         by_schema: dict[tuple, dict] = {}
         for d in results["data_preparation"]:
-            by_schema.setdefault((d["domain"], d["schema"], d["rows"]), {})[d["num_proc"]] = d["rows_per_s"]
-        for (domain, schema, rows), speed in by_schema.items():
-            lines.append(f"| {domain} / {schema} | {rows:,} | {speed[None]:,.0f} | "
-                         + " | ".join(f"{speed[n]:,.0f}" for n in num_procs) + " |")
+            by_schema.setdefault((d["domain"], d["schema"], d["rows"]), {})[d["num_proc"]] = d
+        for (domain, schema, rows), runs in by_schema.items():
+            local = runs[None]
+            size = (f"{local['file_bytes'] / 2**20:,.1f} MiB | {local['peak_memory_bytes'] / 2**20:,.0f} MiB | "
+                    if memory else "")
+            lines.append(f"| {domain} / {schema} | {rows:,} | {size}{local['rows_per_s']:,.0f} | "
+                         + " | ".join(f"{runs[n]['rows_per_s']:,.0f}" for n in num_procs) + " |")
     if results.get("launch"):
         launches = results["launch"]
         lines += ["", f"| `accelerate launch` to ... (median of {len(launches['recipe'])}) | recipe | bare TRL |",

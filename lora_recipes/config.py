@@ -39,6 +39,17 @@ class DataArguments:
     max_rows_per_source: int | None = field(
         default=None, metadata={"help": "Read at most this many rows of each source (quick looks, balancing)."}
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the training sources (Hub ids, local files or folders) instead of storing them: "
+                          "rows are converted and validated as training reads them, not deduplicated. Needs "
+                          "max_steps. The eval split is the first streaming_eval_rows rows whose prompt hashes into "
+                          "eval_fraction; training skips every row that hashes there. Under DDP each rank trains on "
+                          "its own batches of the stream."},
+    )
+    streaming_eval_rows: int = field(
+        default=200, metadata={"help": "With streaming: how many rows the eval split holds (0: none)."}
+    )
     data_card_only: bool = field(
         default=False,
         metadata={"help": "Write the data card (counts, token lengths, train/eval overlap) to output_dir and stop: "
@@ -144,6 +155,16 @@ def check_args(data_args: DataArguments, training_args, model_args) -> None:
         problems.append(f"eval_fraction must be in [0, 1), got {data_args.eval_fraction}")
     if data_args.eval_fraction == 0 and not data_args.eval_dataset_name and training_args.eval_strategy != "no":
         problems.append("eval_fraction is 0 but eval_strategy is not 'no': there would be nothing to evaluate")
+    if data_args.streaming:
+        if training_args.max_steps <= 0:
+            problems.append("streaming needs max_steps > 0: a stream has no length to count epochs by")
+        refused = [name for name, value in (("eval_dataset_name", data_args.eval_dataset_name),
+                                            ("max_rows_per_source", data_args.max_rows_per_source),
+                                            ("data_card_only", data_args.data_card_only)) if value]
+        if refused:
+            problems.append(f"streaming: {', '.join(refused)} need(s) the stored data; set streaming false")
+        if data_args.streaming_eval_rows < 0:
+            problems.append(f"streaming_eval_rows must be >= 0, got {data_args.streaming_eval_rows}")
     if model_args.model_name_or_path is None:
         problems.append("model_name_or_path is not set")
     if model_args.load_in_4bit and model_args.load_in_8bit:

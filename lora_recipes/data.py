@@ -24,7 +24,6 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from itertools import chain, groupby, islice
 from pathlib import Path
 
 from .errors import RecipeError
@@ -33,6 +32,7 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 ROLES = ("system", "user", "assistant")
 SOURCE_FORMS = "ID, ID:CONFIG, ID@SPLIT or ID:CONFIG@SPLIT (ID is owner/name), or a local file or folder"
 PARQUET_BATCH_ROWS = 10_000  # rows of a .parquet file converted at a time
+BATCH_ROWS = 10_000  # rows of a converted source read at a time by deduplication and the split
 # A training source's share of the mixture, after its name: `SOURCE weight=W` or `SOURCE fraction=F` (see Source)
 MIXTURE = re.compile(r"(?P<name>.*\S)\s+(?P<kind>weight|fraction)=(?P<value>\S*)")
 # The split an eval source from the Hub reads when it names none and is not one of the domain's standard sets: `test`,
@@ -94,6 +94,7 @@ class PreparedData:
     train: "datasets.Dataset"  # noqa: F821
     eval: "datasets.Dataset | None"  # noqa: F821
     sources: list[SourceReport]
+    work_dir: Path | None = None  # the staged and converted sources that train and eval map (removed at exit)
 
     def summary(self) -> str:
         lines = [f"{'source':<60} {'schema':<11} {'read':>7} {'kept':>7} {'train':>7} {'eval':>6}  dropped"]
@@ -236,9 +237,9 @@ def _decode(path: Path) -> str:
                           "as UTF-8)") from None
 
 
-def iter_json_lines(path: Path):
-    """(line number, object) for each non-blank line of a JSON-lines file, read one line at a time (memory: one line,
-    whatever the file's size); a bad line is a one-line error naming it."""
+def json_line_texts(path: Path):
+    """(line number, text) for each non-blank line of a JSON-lines file, read one line at a time (memory: one line,
+    whatever the file's size); bytes that are not UTF-8 are a one-line error naming the line and the file offset."""
     with path.open("rb") as f:
         offset = 0
         for number, raw in enumerate(f, start=1):
@@ -248,15 +249,26 @@ def iter_json_lines(path: Path):
                 raise RecipeError(f"{path}: line {number}: bytes that are not UTF-8 at offset {offset + e.start} "
                                   "(re-encode the file as UTF-8)") from None
             offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecipeError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise RecipeError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-            yield number, row
+            if line.strip():
+                yield number, line
+
+
+def parse_json_line(path, number: int, line: str) -> dict:
+    """One line of a JSON-lines file as an object; a bad line is a one-line error naming it."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{path}: line {number}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise RecipeError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def iter_json_lines(path: Path):
+    """(line number, object) for each non-blank line of a JSON-lines file, read one line at a time; a bad line is a
+    one-line error naming it."""
+    for number, line in json_line_texts(path):
+        yield number, parse_json_line(path, number, line)
 
 
 def numbered_json_lines(path: Path) -> list[tuple[int, dict]]:
@@ -276,25 +288,30 @@ def _read_json_array(path: Path, text: str) -> list[dict]:
     return rows
 
 
-def _read_table(path: Path):
-    """Rows of a .csv file (read whole: column types are inferred over the file), or of a .parquet file one record
-    batch at a time (memory: one batch of rows)."""
+def table_batches(path: Path):
+    """Record batches of a .csv file (pyarrow's streaming reader: column types are inferred from the first block) or
+    of a .parquet file (PARQUET_BATCH_ROWS rows each): memory is one batch, whatever the file's size."""
     import pyarrow as pa
 
     try:
         if path.suffix == ".csv":
             import pyarrow.csv as pacsv
 
-            batches = pacsv.read_csv(path).to_batches()
+            batches = pacsv.open_csv(path)
         else:
             import pyarrow.parquet as pq
 
             batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
-        for batch in batches:
-            yield from batch.to_pylist()
+        yield from batches
     except (pa.ArrowInvalid, OSError) as e:
         problem = str(e).strip().splitlines()[0]
         raise RecipeError(f"{path}: not a readable {path.suffix[1:]} file ({problem})") from None
+
+
+def _read_table(path: Path):
+    """Rows of a .csv or .parquet file, one record batch at a time."""
+    for batch in table_batches(path):
+        yield from batch.to_pylist()
 
 
 def _read_labelled_lines(path: Path) -> list[dict]:
@@ -446,27 +463,45 @@ def digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int) -> dict:
+def _convert(row: dict, index: int, schema: Schema, source: str, row_offset: int, seed: int) -> dict:
+    """One row converted, with what deduplication, the split and the mixture read: fixed-size digests of its content
+    and prompt, and its seeded positions in [0, 1) (`_position`), so that they never hold the texts."""
     try:
         validate_row(row, schema)
         messages = schema.to_messages(row)["messages"]
         validate_messages(messages)
     except DropRow as reason:
-        return {"messages": [], "split_key": "", "drop_reason": str(reason), "schema": schema.name}
+        return {"messages": [], "split_key": "", "drop_reason": str(reason), "schema": schema.name, "content": b"",
+                "prompt": b"", "split_position": 0.0, "mixture_position": 0.0}
     except FieldError as e:
         raise RecipeError(f"{source}: row {index + row_offset}: {e}") from None
     split_key = schema.split_key(row) if schema.split_key else ""  # "": split by prompt (prepare_data)
-    return {"messages": messages, "split_key": split_key, "drop_reason": "", "schema": schema.name}
+    content, prompt = content_key(messages), prompt_key(messages)
+    return {"messages": messages, "split_key": split_key, "drop_reason": "", "schema": schema.name,
+            "content": digest(content), "prompt": digest(prompt) if prompt else b"",
+            "split_position": _position(split_key or prompt or content, seed),
+            "mixture_position": _position("mixture\x1f" + content, seed)}
 
 
-def _convert_batch(batch: dict, indices: list[int], schema: Schema, source: str, row_offset: int) -> dict:
-    """`_convert` over a batch of rows: `datasets` pays its per-call overhead once per batch, not once per row."""
-    out = {"messages": [], "split_key": [], "drop_reason": [], "schema": []}
-    for index, values in zip(indices, zip(*batch.values(), strict=True), strict=True):
-        converted = _convert(dict(zip(batch, values, strict=True)), index, schema, source, row_offset)
-        for key, value in converted.items():
+def _convert_rows(rows, indices: list[int], schema: Schema, source: str, seed: int) -> dict:
+    out = {name: [] for name in _converted_features()}
+    for index, row in zip(indices, rows, strict=True):
+        for key, value in _convert(row, index, schema, source, 1, seed).items():
             out[key].append(value)
     return out
+
+
+def _convert_batch(batch: dict, indices: list[int], schema: Schema, source: str, seed: int) -> dict:
+    """`_convert` over a batch of rows: `datasets` pays its per-call overhead once per batch, not once per row."""
+    rows = (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+    return _convert_rows(rows, indices, schema, source, seed)
+
+
+def _convert_json_batch(batch: dict, indices: list[int], schema: Schema, source: str, seed: int) -> dict:
+    """`_convert` over a batch of JSON texts (the `line` and `json` columns of a staged local file, see
+    `data_stream.stage_file`): parsed here, in the worker processes, with errors that name the line."""
+    rows = (parse_json_line(source, number, text) for number, text in zip(batch["line"], batch["json"], strict=True))
+    return _convert_rows(rows, indices, schema, source, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,32 +522,46 @@ def _converted_features():
     from datasets import Features, List, Value
 
     return Features({"messages": List({"role": Value("string"), "content": Value("string")}),
-                     "split_key": Value("string"), "drop_reason": Value("string"), "schema": Value("string")})
+                     "split_key": Value("string"), "drop_reason": Value("string"), "schema": Value("string"),
+                     "content": Value("binary"), "prompt": Value("binary"), "split_position": Value("float64"),
+                     "mixture_position": Value("float64")})
 
 
-def _load_source(source: Source, schemas: list[Schema], max_rows: int | None, num_proc: int | None):
-    """Convert one source (a Hub one with its split resolved); returns (Dataset of
-    messages/split_key/drop_reason/schema, schema name)."""
-    from datasets import Dataset, concatenate_datasets
-    from tqdm.auto import tqdm
+def _convert_table(table, schema: Schema, source: str, num_proc: int | None, seed: int, desc: str):
+    """A table on disk converted in batches, in worker processes where its rows repay them (`worth_processes`): a
+    staged local file (`line`, `json` columns) or a Hub split (the source's own columns)."""
+    staged_json = table.column_names == ["line", "json"]
+    return table.map(
+        _convert_json_batch if staged_json else _convert_batch,
+        batched=True,
+        with_indices=True,
+        fn_kwargs={"schema": schema, "source": source, "seed": seed},
+        remove_columns=table.column_names,
+        features=_converted_features(),
+        num_proc=worth_processes(num_proc, len(table)),
+        desc=desc,
+    )
+
+
+def _load_source(source: Source, schemas: list[Schema], max_rows: int | None, num_proc: int | None, seed: int = 0,
+                 work_dir: Path | None = None):
+    """Convert one source (a Hub one with its split resolved); returns (Dataset of the `_converted_features`, schema
+    name). A local file is first staged as Arrow in `work_dir` (a temporary folder when None), then converted from
+    there: memory stays a batch of rows whatever the size of the file."""
+    from datasets import concatenate_datasets
+
+    from .data_stream import stage_file, temporary_work_dir
 
     path = source.path
     if path is not None:
         if not path.exists():
             raise RecipeError(f"{source.text}: no such local file or folder (and not a Hub dataset id 'owner/name')")
+        work_dir = work_dir or temporary_work_dir()
         converted, schema_names = [], set()
         for file in local_files(path):
-            rows = islice(iter_file(file), max_rows)
-            first = next(rows, None)
-            if first is None:
-                raise RecipeError(f"{file}: the file has no rows")
-            schema = detect_schema(first.keys(), schemas, str(file))
-            # converted as they are read, before Arrow sees them: only the converted rows are kept, and a wrong-typed
-            # value, nested ones included, names its row instead of breaking the table, and the columns no converter
-            # reads may hold anything. The progress bar closes on an error too, so the error starts a line of its own
-            with tqdm(enumerate(chain([first], rows)), desc=f"Converting {file.name}", unit=" examples") as progress:
-                examples = [_convert(row, i, schema, str(file), 1) for i, row in progress]
-            converted.append(Dataset.from_list(examples, features=_converted_features()))
+            staged, columns = stage_file(file, work_dir, max_rows)
+            schema = detect_schema(columns, schemas, str(file))
+            converted.append(_convert_table(staged, schema, str(file), num_proc, seed, f"Converting {file.name}"))
             schema_names.add(schema.name)
         return concatenate_datasets(converted), "+".join(sorted(schema_names))
 
@@ -520,17 +569,7 @@ def _load_source(source: Source, schemas: list[Schema], max_rows: int | None, nu
     if max_rows is not None:
         table = table.select(range(min(max_rows, len(table))))
     schema = detect_schema(table.column_names, schemas, str(source))
-    converted = table.map(
-        _convert_batch,
-        batched=True,
-        with_indices=True,
-        fn_kwargs={"schema": schema, "source": str(source), "row_offset": 1},
-        remove_columns=table.column_names,
-        features=_converted_features(),
-        num_proc=worth_processes(num_proc, len(table)),
-        desc=f"Converting {source}",
-    )
-    return converted, schema.name
+    return _convert_table(table, schema, str(source), num_proc, seed, f"Converting {source}"), schema.name
 
 
 def load_converted(source: str, schemas: list[Schema], split: str = "train") -> tuple[list[dict], SourceReport]:
@@ -538,8 +577,9 @@ def load_converted(source: str, schemas: list[Schema], split: str = "train") -> 
     read. A Hub source reads `split` unless it names its own."""
     parsed = parse_source(source).with_split(split)
     converted, schema_name = _load_source(parsed, schemas, None, None)
-    drops = Counter(example["drop_reason"] for example in converted if example["drop_reason"])
-    kept = [{"messages": example["messages"], "schema": example["schema"]} for example in converted
+    drops = Counter(reason for reason in converted["drop_reason"] if reason)
+    kept = [{"messages": example["messages"], "schema": example["schema"]}
+            for example in converted.select_columns(["messages", "schema", "drop_reason"])
             if not example["drop_reason"]]
     report = SourceReport(source=str(parsed), schema=schema_name, read=len(converted), kept=len(kept),
                           dropped=dict(drops.most_common()))
@@ -552,23 +592,35 @@ def _position(split_key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _eval_sides(examples: list[dict], seed: int, eval_fraction: float, report: SourceReport) -> list[bool]:
-    """Which examples of one source go to eval: by the seeded hash of their group (a schema's split_key) or, without
-    one, of their prompt. A source of two or more groups gets at least one on each side: a few groups at a small
-    eval_fraction would otherwise all hash into train (recorded in the report)."""
-    keys = [e["split_key"] or prompt_key(e["messages"]) or content_key(e["messages"]) for e in examples]
-    in_eval = {key: _position(key, seed) < eval_fraction for key in keys}
-    groups = sorted({e["split_key"] for e in examples if e["split_key"]}, key=lambda g: _position(g, seed))
+def _eval_sides(examples, seed: int, eval_fraction: float, report: SourceReport):
+    """Which examples of one source (a converted Dataset) go to eval, as a bool array: by the seeded position of their
+    group (a schema's split_key) or, without one, of their prompt (`split_position`). A source of two or more groups
+    gets at least one on each side: a few groups at a small eval_fraction would otherwise all hash into train
+    (recorded in the report)."""
+    import numpy as np
+
+    positions, keys = [], []
+    for batch in examples.select_columns(["split_key", "split_position"]).iter(batch_size=BATCH_ROWS):
+        positions.append(np.asarray(batch["split_position"], dtype=np.float64))
+        keys += [key or None for key in batch["split_key"]]  # None: one shared object per ungrouped row
+    positions = np.concatenate(positions or [np.zeros(0)])
+    in_eval = positions < eval_fraction
+    group_positions = {key: float(p) for key, p in zip(keys, positions, strict=True) if key}
+    groups = sorted(group_positions, key=group_positions.get)
+    group_in_eval = {g: group_positions[g] < eval_fraction for g in groups}
     if len(groups) >= 2 and eval_fraction > 0:
-        if not any(in_eval[g] for g in groups):
-            in_eval[groups[0]] = True
+        if not any(group_in_eval.values()):
+            group_in_eval[groups[0]] = True
             report.split_note = f"none hashed into eval at eval_fraction {eval_fraction}: the first by hash moved"
-        elif all(in_eval[g] for g in groups):
-            in_eval[groups[-1]] = False
+        elif all(group_in_eval.values()):
+            group_in_eval[groups[-1]] = False
             report.split_note = f"all hashed into eval at eval_fraction {eval_fraction}: the last by hash moved back"
     if groups:
-        report.groups, report.eval_groups = len(groups), sum(in_eval[g] for g in groups)
-    return [in_eval[key] for key in keys]
+        report.groups, report.eval_groups = len(groups), sum(group_in_eval.values())
+        for i, key in enumerate(keys):
+            if key:
+                in_eval[i] = group_in_eval[key]
+    return in_eval
 
 
 def mixture_targets(sources: list[Source], counts: list[int]) -> list[int]:
@@ -582,14 +634,17 @@ def mixture_targets(sources: list[Source], counts: list[int]) -> list[int]:
     return [n if s.fraction is None else round(s.fraction * n) for s, n in zip(sources, counts, strict=True)]
 
 
-def resample(examples: list[dict], target: int, seed: int) -> list[dict]:
-    """`target` rows from `examples`: each row target // len(examples) times, then the rest by a seeded hash of the
-    content (a seeded subset, the same whatever the row order)."""
-    if not examples:
-        return []
-    copies, rest = divmod(target, len(examples))
-    ranked = sorted(examples, key=lambda e: _position("mixture\x1f" + content_key(e["messages"]), seed))
-    return examples * copies + ranked[:rest]
+def resample(indices, positions, target: int):
+    """`target` of `indices` (a source's rows on one side of the split): each one target // len(indices) times, then
+    the rest in the order of their seeded `positions` (`mixture_position`: a seeded subset by content, the same
+    whatever the row order)."""
+    import numpy as np
+
+    if not len(indices):
+        return indices
+    copies, rest = divmod(target, len(indices))
+    ranked = indices[np.argsort(positions, kind="stable")]
+    return np.concatenate([np.tile(indices, copies), ranked[:rest]])
 
 
 def tokenize_chats(dataset, tokenizer, assistant_only_loss: bool, num_proc: int | None = None,
@@ -664,20 +719,19 @@ class TokenBudget:
     keep_end: bool = False  # truncation_mode 'keep_end'
     assistant_only_loss: bool = False  # then a row whose answer is cut off entirely has no loss (TRL drops it)
 
-    def fit(self, examples: list[dict], source: str, report: SourceReport, drops: Counter,
-            num_proc: int | None = None) -> list[dict]:
-        """The rows that still train once cut, each with `tokens`: (its tokenized source, its row there); counts the
-        truncated ones, drops (counted) those left without answer. Measured in batches, in `num_proc` worker processes
-        where the rows repay them (`worth_processes`)."""
-        from datasets import Dataset
+    def fit(self, examples, source: str, report: SourceReport, drops: Counter, num_proc: int | None = None):
+        """The rows (a Dataset with `messages`) that still train once cut, with the token columns SFTTrainer takes as
+        already tokenized (`tokenize_chats`: it then builds its labels, truncation and drops from them instead of
+        applying the chat template again); counts the truncated ones, drops (counted) those left without answer.
+        Tokenized in batches, in `num_proc` worker processes where the rows repay them (`worth_processes`)."""
+        from datasets import concatenate_datasets
 
-        if not examples:
+        if not len(examples):
             return examples
-        chats = Dataset.from_dict({"messages": [e["messages"] for e in examples]})
-        tokenized = tokenize_chats(chats, self.tokenizer, self.assistant_only_loss, num_proc,
-                                   desc=f"Measuring {Path(source).name} in tokens")
+        tokenized = tokenize_chats(examples.select_columns(["messages"]), self.tokenizer, self.assistant_only_loss,
+                                   num_proc, desc=f"Measuring {Path(source).name} in tokens")
         measured = token_lengths(tokenized, self.tokenizer, self.assistant_only_loss)
-        examples = [{**example, "tokens": (tokenized, row)} for row, example in enumerate(examples)]
+        examples = concatenate_datasets([examples.flatten_indices(), tokenized], axis=1)
         if self.max_length is not None:
             shortest = min(measured["length"])
             if shortest > self.max_length:
@@ -689,22 +743,7 @@ class TokenBudget:
         cut_off = no_target_within(measured, self.max_length, self.keep_end)
         if any(cut_off):
             drops["answer cut off by max_length"] += sum(cut_off)
-        return [example for example, no_answer in zip(examples, cut_off, strict=True) if not no_answer]
-
-
-def with_token_ids(dataset, rows: list[dict]):
-    """`dataset` (one row per entry of `rows`) with the token columns `TokenBudget` made for those rows: SFTTrainer
-    takes a dataset with `input_ids` as tokenized, and builds its labels, truncation and drops from these columns
-    instead of applying the chat template again. Unchanged for rows measured by no budget."""
-    from datasets import concatenate_datasets
-
-    if not rows or "tokens" not in rows[0]:
-        return dataset
-    parts = []
-    for _, run in groupby((e["tokens"] for e in rows), key=lambda tokens: id(tokens[0])):  # rows of one source
-        run = list(run)
-        parts.append(run[0][0].select([row for _, row in run]))
-    return concatenate_datasets([dataset, concatenate_datasets(parts).flatten_indices()], axis=1)
+        return examples.select([i for i, no_answer in enumerate(cut_off) if not no_answer])
 
 
 def prepare_data(
@@ -724,46 +763,51 @@ def prepare_data(
     With `eval_sources`, they are the eval set (a Hub one reads its held-out split, see `held_out_split`) and every
     row of `sources` trains, except rows that ask an eval question (dropped, counted). With `budget`, rows longer
     than max_length are counted and rows it would leave without an answer are dropped (counted), and train and eval
-    carry the token ids it measured (`with_token_ids`). `eval_only` (a domain's EVAL_ONLY) is refused as a training
+    carry the token ids it measured (`TokenBudget.fit`). `eval_only` (a domain's EVAL_ONLY) is refused as a training
     source. A source that keeps no row at all is an error, with the reasons. A training source's `weight=W` or
     `fraction=F` (see `Source`) then sets its rows on each side of the split (`mixture_targets`, `resample`, seeded).
     """
-    from datasets import Dataset
+    import numpy as np
+    from datasets import concatenate_datasets
 
+    from .data_stream import temporary_work_dir
+
+    work_dir = temporary_work_dir()  # the staged and converted sources, which the returned datasets map
     train_sources, held_out_sources = resolve_sources(sources, eval_sources, eval_only, standard_splits)
-    # fixed-size digests, not the texts: memory per row stays 16 bytes whatever the length of its conversation
+    # fixed-size digests, not the texts: memory per row stays 16 bytes whatever the length of its conversation, and
+    # the rows themselves stay on disk (a source is its converted Dataset and the indices of the rows kept)
     seen: set[bytes] = set()  # content of every kept row: a repeat is a duplicate
     held_out: set[bytes] = set()  # prompts of the eval sources: a training row asking one is dropped
     split = []  # per training source: its kept rows, and which go to eval
     eval_rows, reports = [], []
     for is_eval, source in [(True, s) for s in held_out_sources] + [(False, s) for s in train_sources]:
-        converted, schema_name = _load_source(source, schemas, max_rows_per_source, num_proc)
+        converted, schema_name = _load_source(source, schemas, max_rows_per_source, num_proc, seed, work_dir)
         report = SourceReport(source=str(source), schema=schema_name, read=len(converted), mixture=source.mixture)
         drops = Counter()
-        kept = []
-        for example in converted:
-            if example["drop_reason"]:
-                drops[example["drop_reason"]] += 1
-                continue
-            prompt = prompt_key(example["messages"])
-            if not is_eval and prompt and digest(prompt) in held_out:
-                drops["in the eval set"] += 1
-                continue
-            key = digest(content_key(example["messages"]))
-            if key in seen:
-                drops["duplicate"] += 1
-                continue
-            seen.add(key)
-            if is_eval:
-                held_out.add(digest(prompt))
-            kept.append(example)
+        kept_indices = []
+        columns = converted.select_columns(["drop_reason", "prompt", "content"])
+        for start, batch in enumerate(columns.iter(batch_size=BATCH_ROWS)):
+            rows = zip(batch["drop_reason"], batch["prompt"], batch["content"], strict=True)
+            for index, (drop_reason, prompt, content) in enumerate(rows, start=start * BATCH_ROWS):
+                if drop_reason:
+                    drops[drop_reason] += 1
+                elif not is_eval and prompt and prompt in held_out:
+                    drops["in the eval set"] += 1
+                elif content in seen:
+                    drops["duplicate"] += 1
+                else:
+                    seen.add(content)
+                    if is_eval:
+                        held_out.add(prompt)
+                    kept_indices.append(index)
+        kept = converted.select(kept_indices)
         if budget is not None:
             kept = budget.fit(kept, source.text, report, drops, num_proc)
         if is_eval:
-            eval_rows += kept
+            eval_rows.append(kept)
             report.eval = len(kept)
         else:
-            split.append((kept, [False] * len(kept) if held_out_sources
+            split.append((kept, np.zeros(len(kept), dtype=bool) if held_out_sources
                           else _eval_sides(kept, seed, eval_fraction, report)))
         report.kept = len(kept)
         report.dropped = dict(drops.most_common())
@@ -773,28 +817,34 @@ def prepare_data(
             raise RecipeError(f"{source.text}: no row left to {'evaluate' if is_eval else 'train'} on "
                               f"(dropped: {reasons})")
 
-    # the mixture, on each side of the split: a copy stays on its original's side, so upsampling never brings a
-    # prompt or group to both
+    # the mixture, on each side of the split, on indices: a copy stays on its original's side, so upsampling never
+    # brings a prompt or group to both
     train_rows = []
     for to_eval, rows in ((False, train_rows), (True, eval_rows)):
-        per_source = [[e for e, in_eval in zip(kept, sides, strict=True) if in_eval == to_eval]
-                      for kept, sides in split]
+        per_source = [np.flatnonzero(sides == to_eval) for _, sides in split]
         targets = mixture_targets(train_sources, [len(side) for side in per_source])
-        for report, side, target in zip(reports[len(held_out_sources):], per_source, targets, strict=True):
-            rows += resample(side, target, seed)
+        for report, (kept, _), side, target in zip(reports[len(held_out_sources):], split, per_source, targets,
+                                                   strict=True):
+            positions = np.asarray(kept.select(side)["mixture_position"], dtype=np.float64)
+            rows.append(kept.select(resample(side, positions, target)))
             if to_eval:
                 report.eval = target
             else:
                 report.train = target
+    train_rows = [rows for rows in train_rows if len(rows)]
     if not train_rows:
-        raise RecipeError(f"no training rows left from {', '.join(sources)}: all {len(eval_rows)} kept rows fell in "
-                          "the eval split; lower eval_fraction or add data")
+        raise RecipeError(f"no training rows left from {', '.join(sources)}: all {sum(map(len, eval_rows))} kept "
+                          "rows fell in the eval split; lower eval_fraction or add data")
+    eval_rows = [rows for rows in eval_rows if len(rows)]
+    # the token ids a budget made: SFTTrainer takes a dataset with `input_ids` as tokenized
+    token_columns = [c for c in ("input_ids", "assistant_masks") if c in train_rows[0].column_names]
     return PreparedData(
-        train=with_token_ids(Dataset.from_list([{"messages": e["messages"]} for e in train_rows]), train_rows),
+        train=concatenate_datasets(train_rows).select_columns(["messages", *token_columns]),
         # the schema tells evaluation how to score an eval row (Schema.task)
-        eval=with_token_ids(Dataset.from_list([{"messages": e["messages"], "schema": e["schema"]} for e in eval_rows]),
-                            eval_rows) if eval_rows else None,
+        eval=(concatenate_datasets(eval_rows).select_columns(["messages", "schema", *token_columns]) if eval_rows
+              else None),
         sources=reports,
+        work_dir=work_dir,
     )
 
 

@@ -80,8 +80,9 @@ def _band_keys(shingle_set: np.ndarray) -> list[tuple[int, bytes]]:
     return [(band, rows.tobytes()) for band, rows in enumerate(signature.reshape(BANDS, -1))]
 
 
-def overlap(train_questions: list[str], eval_questions: list[str]) -> dict:
-    """Eval examples whose question is also a training question: exactly (normalised) or nearly (Jaccard)."""
+def overlap(train_questions, eval_questions: list[str]) -> dict:
+    """Eval examples whose question is also a training question: exactly (normalised) or nearly (Jaccard). The
+    training questions (any iterable) are read once and only the matched ones kept: memory grows with the eval set."""
     normalised_eval = [normalise(q) for q in eval_questions]
     eval_by_text, buckets = defaultdict(list), defaultdict(list)
     eval_shingles = [shingles(q) for q in normalised_eval]
@@ -92,27 +93,27 @@ def overlap(train_questions: list[str], eval_questions: list[str]) -> dict:
         for key in _band_keys(shingle_set):
             buckets[key].append(i)
 
-    exact: dict[int, int] = {}  # eval index -> a train index with the same question
-    near: dict[int, tuple[float, int]] = {}  # eval index -> (best Jaccard, train index)
-    for t, train_question in enumerate(train_questions):
+    exact: dict[int, str] = {}  # eval index -> a training question that is the same
+    near: dict[int, tuple[float, str]] = {}  # eval index -> (best Jaccard, that training question)
+    for train_question in train_questions:
         text = normalise(train_question)
         if not text:
             continue
         for i in eval_by_text.get(text, ()):
-            exact.setdefault(i, t)
+            exact.setdefault(i, train_question)
         shingle_set = shingles(text)
         candidates = {i for key in _band_keys(shingle_set) for i in buckets.get(key, ())}
         for i in candidates - exact.keys():
             similarity = jaccard(shingle_set, eval_shingles[i])
             if similarity >= NEAR_DUPLICATE_JACCARD and similarity > near.get(i, (0.0,))[0]:
-                near[i] = (similarity, t)
+                near[i] = (similarity, train_question)
     near = {i: match for i, match in near.items() if i not in exact}
 
-    pairs = [{"kind": "exact", "jaccard": 1.0, "eval": eval_questions[i], "train": train_questions[t]}
-             for i, t in sorted(exact.items())[:SHOWN_PAIRS]]
-    pairs += [{"kind": "near-duplicate", "jaccard": round(similarity, 3), "eval": eval_questions[i],
-               "train": train_questions[t]}
-              for i, (similarity, t) in sorted(near.items(), key=lambda item: -item[1][0])[:SHOWN_PAIRS - len(pairs)]]
+    pairs = [{"kind": "exact", "jaccard": 1.0, "eval": eval_questions[i], "train": train}
+             for i, train in sorted(exact.items())[:SHOWN_PAIRS]]
+    pairs += [{"kind": "near-duplicate", "jaccard": round(similarity, 3), "eval": eval_questions[i], "train": train}
+              for i, (similarity, train) in sorted(near.items(), key=lambda item: -item[1][0])
+              [:SHOWN_PAIRS - len(pairs)]]
     return {"eval_examples": len(eval_questions), "exact": len(exact), "near_duplicate": len(near), "ngram": NGRAM,
             "jaccard_threshold": NEAR_DUPLICATE_JACCARD, "examples": pairs}
 
@@ -158,8 +159,10 @@ def build_card(data, tokenizer, max_length: int | None, assistant_only_loss: boo
     lengths = {name: length_stats(m, max_length, keep_end) for name, m in measured.items()}
     eval_overlap = None
     if data.eval is not None:
-        eval_overlap = overlap([question(m) for m in data.train["messages"]],
-                               [question(m) for m in data.eval["messages"]])
+        # the training rows a batch at a time: a large train split stays on disk
+        train_questions = (question(m) for batch in data.train.select_columns(["messages"]).iter(batch_size=1000)
+                           for m in batch["messages"])
+        eval_overlap = overlap(train_questions, [question(m) for m in data.eval["messages"]])
 
     warnings = []
     if eval_overlap and eval_overlap["exact"] + eval_overlap["near_duplicate"]:

@@ -172,6 +172,8 @@ def prepare_data_once(training_args, prepare: Callable[[], PreparedData]) -> Pre
             data.train.save_to_disk(cache / "train")
             if data.eval is not None:
                 data.eval.save_to_disk(cache / "eval")
+            if data.work_dir is not None:  # staged, converted sources (as large as the files): the cache has the rows
+                shutil.rmtree(data.work_dir, ignore_errors=True)
             (cache / "sources.json").write_text(json.dumps([asdict(s) for s in data.sources]), encoding="utf-8")
         elif not (cache / "sources.json").is_file():
             raise RecipeError(f"process {training_args.process_index}: the data prepared by the main process is "

@@ -14,6 +14,7 @@ from types import ModuleType
 from .config import DataArguments, parse_args
 from .data import MIN_ROWS_PER_PROCESS_POOL, prepare_domain, worth_processes
 from .data_card import plot_data_card, write_data_card
+from .data_stream import stream_data, write_stream_card
 from .distributed import launch_strategy, prepare_data_once, remove_data_cache
 from .errors import RecipeError, exit_on_recipe_error
 from .evaluation import evaluate_after_training
@@ -52,9 +53,16 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     #    SFTTrainer tokenizes: the rows it will cut are counted, and it trains on these token ids without tokenizing
     #    again. The main process of each machine prepares it, every rank reads that copy. The data card (counts, token
     #    lengths, train/eval overlap) is written before any model loads, so a data problem costs seconds, not a GPU
-    #    hour
-    data = prepare_data_once(training_args, lambda: prepare_domain(domain, data_args, training_args, tokenizer))
-    if training_args.process_index == 0:
+    #    hour. With --streaming true nothing is stored: rows are converted as training reads them, and the card (of
+    #    what was read) is written after training
+    data = stream_data(data_args.dataset_name, domain.SCHEMAS, data_args.eval_fraction, data_args.streaming_eval_rows,
+                       training_args.seed, domain.EVAL_ONLY) if data_args.streaming else prepare_data_once(
+        training_args, lambda: prepare_domain(domain, data_args, training_args, tokenizer))
+    if data_args.streaming:
+        # every rank reads the stream and trains on its own batches of it (accelerate's IterableDatasetShard): with
+        # dispatching, rank 0 would concatenate the ranks' batches, which fails for batches padded to their own length
+        training_args.accelerator_config.dispatch_batches = False
+    elif training_args.process_index == 0:
         print(data.summary())
         # a training run draws the card's histogram after training (step 9): matplotlib would delay the first step
         write_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
@@ -66,9 +74,11 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     if data.eval is None and training_args.eval_strategy != "no":
         raise RecipeError("the eval split is empty: raise eval_fraction, add data, or set eval_strategy 'no'")
 
-    # SFTTrainer tokenizes with dataset_num_proc processes: only worth starting them for a large dataset
-    num_proc = worth_processes(training_args.dataset_num_proc, len(data.train))
-    if num_proc is None and (training_args.dataset_num_proc or 1) > 1 and training_args.process_index == 0:
+    # SFTTrainer tokenizes with dataset_num_proc processes: only worth starting them for a large dataset (a stream is
+    # tokenized as it is read, in this process)
+    num_proc = None if data_args.streaming else worth_processes(training_args.dataset_num_proc, len(data.train))
+    if num_proc is None and not data_args.streaming and (training_args.dataset_num_proc or 1) > 1 and \
+            training_args.process_index == 0:
         print(f"dataset_num_proc {training_args.dataset_num_proc} -> 1 process for {len(data.train):,} rows (worker "
               f"processes pay off from {MIN_ROWS_PER_PROCESS_POOL:,} rows)")
     training_args.dataset_num_proc = num_proc
@@ -123,6 +133,8 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
             "versions": package_versions(),
             "git_commit": git_commit(),
         })
+        if data_args.streaming:
+            write_stream_card(training_args.output_dir, data)
     trainer.accelerator.print(f"Adapter, tokenizer and run card saved to {training_args.output_dir}")
 
     # 8. Every rank leaves together: one still finishing a gloo collective while another exits can deadlock at exit.
@@ -141,8 +153,9 @@ def main(domain: ModuleType, data_args: DataArguments, training_args, model_args
     #    instead of waiting for it at a barrier, whose timeout (ddp_timeout, 30 minutes by default) would fail the job
     #    after training succeeded
     if trainer.is_world_process_zero():
-        plot_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
-                       training_args.assistant_only_loss)
+        if not data_args.streaming:  # a stream's card counts rows read; it has no lengths to draw
+            plot_data_card(training_args.output_dir, data, tokenizer, training_args.max_length,
+                           training_args.assistant_only_loss)
         plot_loss_curve(trainer.state.log_history, Path(training_args.output_dir) / "loss_curve.png")
         if data_args.eval_after_training:
             evaluate_after_training(trainer, domain, data.eval, data_args, training_args, model_args)

@@ -7,7 +7,8 @@ weights: ranks that trained in step hold identical adapters). `--kill_after_chec
 checkpoint-N is complete, as a preempted machine would; `--slow_evaluation S` makes the end-of-training evaluation
 start S seconds late on the rank that runs it, as a long generation evaluation would; `--collective_timeout S` gives
 the process group a timeout of S seconds once training ends, as `--ddp_timeout S` does on GPUs (transformers passes
-ddp_timeout to the process group only for GPU launches: on CPU gloo keeps its 30 minutes).
+ddp_timeout to the process group only for GPU launches: on CPU gloo keeps its 30 minutes). `--record_rows` makes every
+rank write `rows-rank{N}.txt`: the token ids of each row it trained on (its attended tokens), one row per line.
 """
 
 import argparse
@@ -63,12 +64,30 @@ class CollectiveTimeout(TrainerCallback):
         dist.distributed_c10d._set_pg_timeout(timedelta(seconds=self.seconds))
 
 
+def record_rows():
+    """Every batch a rank trains on, appended to `rows-rank{N}.txt` in output_dir, one row's token ids per line."""
+    from trl import SFTTrainer
+
+    training_step = SFTTrainer.training_step
+
+    def recording(self, model, inputs, *args, **kwargs):
+        with (Path(self.args.output_dir) / f"rows-rank{self.args.process_index}.txt").open("a") as f:
+            for ids, mask in zip(inputs["input_ids"].tolist(), inputs["attention_mask"].tolist(), strict=True):
+                f.write(" ".join(str(i) for i, m in zip(ids, mask, strict=True) if m) + "\n")
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    SFTTrainer.training_step = recording
+
+
 def main():
     parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--kill_after_checkpoint", type=int)
     parser.add_argument("--slow_evaluation", type=float)
     parser.add_argument("--collective_timeout", type=float)
+    parser.add_argument("--record_rows", action="store_true")
     probes, recipe_argv = parser.parse_known_args()
+    if probes.record_rows:
+        record_rows()
     callbacks = [AdapterDigest()]
     if probes.kill_after_checkpoint is not None:
         callbacks.append(KillAfterCheckpoint(probes.kill_after_checkpoint))

@@ -50,7 +50,7 @@ def test_the_budget_counts_what_trl_cuts_in_worker_processes(tmp_path, tokenizer
     data = prepare_data([str(path)], medical.SCHEMAS, eval_fraction=0.0, num_proc=2,
                         budget=TokenBudget(tokenizer, MAX_LENGTH, keep_end=keep_end, assistant_only_loss=True))
 
-    assert processes == [2]  # conversion of a local file runs in this process; the measuring in two
+    assert processes == [2, 2]  # the local file converted from Arrow in two processes, then measured in two
     assert "Measuring chats.jsonl in tokens" in capfd.readouterr().err  # its progress bar
     assert data.sources[0].truncated == truncated
     assert data.sources[0].dropped == {"answer cut off by max_length": len(chats) - len(answered)}
