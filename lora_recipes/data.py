@@ -731,6 +731,7 @@ class TokenBudget:
         tokenized = tokenize_chats(examples.select_columns(["messages"]), self.tokenizer, self.assistant_only_loss,
                                    num_proc, desc=f"Measuring {Path(source).name} in tokens")
         measured = token_lengths(tokenized, self.tokenizer, self.assistant_only_loss)
+        # side by side needs contiguous rows: flattening the kept rows here spares datasets rewriting both sides
         examples = concatenate_datasets([examples.flatten_indices(), tokenized], axis=1)
         if self.max_length is not None:
             shortest = min(measured["length"])
