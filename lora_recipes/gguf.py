@@ -123,8 +123,8 @@ def llama_cpp():
         toolchain = (f"first install {' and '.join(missing)} (building it needs cmake and a C++ compiler), then "
                      if missing else "")
         raise RecipeError(f"llama-cpp-python is not installed: {toolchain}pip install -r requirements-gguf.txt "
-                          "(it compiles llama.cpp: about 40 min on 2 cores the first time, then pip's wheel cache "
-                          "reuses it)") from None
+                          "(it compiles llama.cpp the first time, then pip's wheel cache has it: "
+                          "bench/results/llama-cpp-build-cpu.md)") from None
     return llama_cpp
 
 

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_MODEL, run_recipe
+from conftest import REPO_ROOT, TINY_MODEL
 
+from bench import gguf_parity
 from lora_recipes import gguf
 from lora_recipes.errors import RecipeError
 from lora_recipes.inference import (
@@ -28,8 +29,8 @@ from lora_recipes.tiny_model import FAMILIES
 from recipes import export_gguf, merge
 from recipes.merge import CHECK_PROMPTS
 
-# The export checks its file with llama.cpp itself: without the compiled bindings (requirements-gguf.txt, not yet in
-# CI) those tests skip; the converters, the Modelfile's Go template and the errors are tested either way
+# The export checks its file with llama.cpp itself: without the compiled bindings (requirements-gguf.txt, which CI
+# installs) those tests skip; the converters, the Modelfile's Go template and the errors are tested either way
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                      reason="llama-cpp-python not installed: pip install -r requirements-gguf.txt")
 SYSTEM_PROMPT_CHATS = 3  # len(CHECK_PROMPTS), each with the run's system prompt
@@ -91,7 +92,9 @@ def reference(merged_dir):
 
 def test_converters_come_from_the_pinned_sdist(converters):
     assert (converters / "convert_hf_to_gguf.py").is_file() and (converters / "gguf-py" / "gguf").is_dir()
-    assert gguf.LLAMA_CPP_PYTHON in (REPO_ROOT / "requirements-gguf.txt").read_text().splitlines()
+    pins = [line.split()[0] for line in (REPO_ROOT / "requirements-gguf.txt").read_text().splitlines()
+            if line and not line.startswith("#")]
+    assert gguf.LLAMA_CPP_PYTHON in pins
     assert {"LlamaForCausalLM", "Qwen2ForCausalLM"} <= gguf.supported_architectures(converters)
 
 
@@ -424,19 +427,11 @@ def test_converters_unreachable(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="session")
 def real_export(real_model, tmp_path_factory):
-    """A short LoRA run on SmolLM2-135M-Instruct (the medical recipe; a 16-bit base, as 4-bit steps take minutes on
-    a CPU), merged, exported as f16 with its GGUF LoRA."""
+    """The real-model run of bench/gguf_parity.py (whose figures the deploy page quotes): a short LoRA run on
+    SmolLM2-135M-Instruct, merged, exported as f16 with its GGUF LoRA."""
     root = tmp_path_factory.mktemp("real-gguf")
-    proc = run_recipe("recipes/sft_medical.py", "--config", "recipes/configs/medical_smoke.yaml",
-                      "--model_name_or_path", str(real_model), "--output_dir", str(root / "adapter"),
-                      "--load_in_4bit", "false", "--max_steps", "2", "--learning_rate", "2e-4",
-                      "--per_device_train_batch_size", "2", "--max_length", "128", "--eval_strategy", "no",
-                      "--save_strategy", "no", "--eval_after_training", "false")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    merge.run(["--adapter", str(root / "adapter"), "--output_dir", str(root / "merged")])
-    proc = export("--adapter", str(root / "adapter"), "--output_dir", str(root / "gguf"), "--quantization", "f16",
-                  "--lora_adapter", "--merged", str(root / "merged"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter, merged = gguf_parity.train_and_merge(real_model, root)
+    gguf_parity.export(adapter, merged, root / "gguf", "f16")
     return root
 
 
@@ -464,3 +459,33 @@ def test_real_model_gguf_matches_and_stops(real_export):
     assert greedy["accepted"], greedy
     assert answer[-1] == end_of_turn and end_of_turn not in answer[:-1]
     print(f"real model answer ({len(answer)} tokens, {greedy}): {tokenizer.decode(answer)!r}")
+
+
+def test_committed_parity_figures_meet_the_bounds():
+    """bench/results/gguf-cpu.* (the deploy page's figures): every quantisation exported with its GGUF LoRA, each
+    check within today's bounds, more bits closer to the merged model, and the table written from the JSON."""
+    results = read_json(REPO_ROOT / "bench" / "results" / "gguf-cpu.json")
+    assert tuple(results["exports"]) == gguf_parity.QUANTIZATIONS
+    for quantization, record in results["exports"].items():
+        assert record["bounds"] == export_gguf.BOUNDS[quantization] and record["tie_margin"] == export_gguf.TIE_MARGIN
+        assert [(c["file"], c["lora"]) for c in record["checks"]] == [
+            (f"model-{quantization}.gguf", None), (f"base-{quantization}.gguf", "adapter-f16.gguf")]
+        for check in record["checks"]:
+            assert export_gguf.failures(check, quantization) == []
+    kl = [results["exports"][q]["checks"][0]["mean_kl"] for q in gguf_parity.QUANTIZATIONS]
+    assert kl == sorted(kl)
+    assert (REPO_ROOT / "bench" / "results" / "gguf-cpu.md").read_text() == gguf_parity.markdown(results)
+
+
+def test_committed_build_figures_are_for_the_pinned_requirement():
+    """bench/results/llama-cpp-build-cpu.* timed the line requirements-gguf.txt has now: one compile, then pip's
+    wheel cache, and the bindings imported."""
+    from bench import llama_cpp_build
+
+    results = read_json(REPO_ROOT / "bench" / "results" / "llama-cpp-build-cpu.json")
+    assert results["requirement"] == llama_cpp_build.requirement_line()
+    assert results["installs"]["first"]["built"] and not results["installs"]["cached"]["built"]
+    assert results["bindings"]["version"] == gguf.LLAMA_CPP_PYTHON.split("==")[1]
+    assert not any("mtmd" in library for library in results["bindings"]["libraries"])  # -DLLAVA_BUILD=OFF
+    table = (REPO_ROOT / "bench" / "results" / "llama-cpp-build-cpu.md").read_text()
+    assert table == llama_cpp_build.markdown(results)
