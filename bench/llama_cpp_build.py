@@ -47,7 +47,7 @@ def timed_install(requirements: Path, cache: Path, target: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--cache-dir", str(cache),
                            "--target", str(target), "-r", str(requirements)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"pip install failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"the install failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return {"wall_s": time.perf_counter() - start, "cpu_s": children_cpu_seconds() - cpu_before,
             "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
             "built": "Building wheel for llama-cpp-python" in proc.stdout}

@@ -54,6 +54,10 @@ def test_quickstart_trains_and_chats_with_the_real_model_when_switched(real_mode
     switch = [cell for cell in notebook.cells if "REAL_MODEL = False" in cell.source]
     assert len(switch) == 1  # one variable is the whole switch
     switch[0].source = switch[0].source.replace("REAL_MODEL = False", "REAL_MODEL = True")
+    # half the notebook's 8 real-model steps, still with logged and evaluated steps to plot: the switch and the cells
+    # are what is tested here (tests/test_real_model.py tests what the real model learns)
+    fewer_steps = ["--max_steps", "4", "--logging_steps", "2", "--eval_steps", "2", "--save_steps", "4"]
+    switch[0].source += f"\nOVERRIDES += {fewer_steps!r}\n"
     # offline: the fixture has built the model, the notebook finds it in the cache. Training a real model takes
     # minutes per cell on a busy 2-core machine
     execute(notebook, timeout=1800)
