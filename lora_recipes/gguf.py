@@ -48,7 +48,8 @@ def converter_dir() -> Path:
         requirement = Path(tmp) / "requirements.txt"
         requirement.write_text(f"{LLAMA_CPP_PYTHON} --hash=sha256:{SDIST_SHA256}\n", encoding="utf-8")
         print(f"Downloading llama.cpp's converters ({LLAMA_CPP_PYTHON} source, 77 MB, once) into {target}")
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        # the source (`--no-binary` for it alone: with `:all:`, pip also builds every build dependency from source)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
                                "--require-hashes", "-r", str(requirement), "-d", tmp],
                               capture_output=True, text=True)
         sdists = list(Path(tmp).glob("*.tar.gz"))

@@ -64,7 +64,8 @@ def log_history(output_dir: Path) -> list[dict]:
 
 def pytest_collection_modifyitems(items):
     """Modules with the most slow tests run first: pytest-xdist (`--dist loadfile`, as CI runs) gives each module to
-    one worker, and a long module started last would leave the other worker idle at the end."""
+    one worker, and a long module started last would leave the other worker idle at the end. pytest-xdist keeps this
+    order only with `--no-loadscope-reorder` (pyproject.toml's addopts)."""
     slow = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.module.__name__])  # stable: file order otherwise
 
