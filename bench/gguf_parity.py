@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 RESULTS = REPO_ROOT / "bench" / "results"
 
-from bench.train_throughput import machine  # noqa: E402
+from bench.train_throughput import machine, write_results  # noqa: E402
 
 # A short LoRA run on the real model: the medical smoke data, a 16-bit base, 128-token rows
 REAL_RUN_ARGS = ("--config", "recipes/configs/medical_smoke.yaml", "--load_in_4bit", "false", "--max_steps", "2",
@@ -88,10 +88,7 @@ def main(argv=None) -> None:
             record["sizes"] = {p.name: p.stat().st_size for p in output_dir.glob("*.gguf")}
             results["exports"][quantization], results["prompts"] = record, record["prompts"]
             print(f"{quantization}: {record['checks']}", flush=True)
-    output = Path(args.output)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(Path(args.output), results, markdown(results))
 
 
 if __name__ == "__main__":

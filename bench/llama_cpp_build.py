@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 RESULTS = REPO_ROOT / "bench" / "results"
 
-from bench.train_throughput import machine  # noqa: E402
+from bench.train_throughput import machine, write_results  # noqa: E402
 from lora_recipes.gguf import LLAMA_CPP_PYTHON  # noqa: E402
 
 
@@ -100,10 +100,7 @@ def main(argv=None) -> None:
         results["installs"] = installs
         results["bindings"] = bindings(tmp / "cached")
         results["wheel_bytes"] = wheel.stat().st_size
-    output = Path(args.output)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(Path(args.output), results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,13 @@ def machine(device: str) -> dict:
     }
 
 
+
+def write_results(output: Path, results: dict, table: str) -> None:
+    """A benchmark's results: the JSON at `output`, its table beside it (.md), and the table printed."""
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    output.with_suffix(".md").write_text(table)
+    print(table)
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1 + 2. Trainers side by side
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import fcntl  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections import Counter  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -60,14 +59,6 @@ class TouchOnUnpickle:
 
 def log_history(output_dir: Path) -> list[dict]:
     return json.loads((Path(output_dir) / "trainer_state.json").read_text())["log_history"]
-
-
-def pytest_collection_modifyitems(items):
-    """Modules with the most slow tests run first: pytest-xdist (`--dist loadfile`, as CI runs) gives each module to
-    one worker, and a long module started last would leave the other worker idle at the end. pytest-xdist keeps this
-    order only with `--no-loadscope-reorder` (pyproject.toml's addopts)."""
-    slow = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: file order otherwise
 
 
 def once_per_test_run(tmp_path_factory, name: str, build: Callable[[Path], dict]) -> tuple[Path, dict]:

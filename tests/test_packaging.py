@@ -3,7 +3,6 @@
 import importlib.metadata
 import re
 import tomllib
-from collections import Counter
 
 import pytest
 from conftest import REPO_ROOT
@@ -79,13 +78,3 @@ def test_every_install_command_outside_the_requirements_names_its_version():
     assert {name: found for name, found in installs.items() if not all("==" in p for p in found)} == {}
     assert {name: found for name, found in installs.items() if len(found) > 1} == {}
     assert installs["deepspeed"] == {DEEPSPEED}
-
-
-def test_pytest_xdist_starts_the_longest_modules_first(pytestconfig, request):
-    """CI's `-n auto --dist loadfile` hands out whole modules in the order tests/conftest.py sorts them (the most
-    slow tests first); pytest-xdist's default re-sorts them by their number of tests, which started the longest
-    modules last."""
-    assert pytestconfig.getoption("loadscopereorder") is False
-    slow = Counter(item.module.__name__ for item in request.session.items if item.get_closest_marker("slow"))
-    modules = list(dict.fromkeys(item.module.__name__ for item in request.session.items))
-    assert [slow[m] for m in modules] == sorted((slow[m] for m in modules), reverse=True)
