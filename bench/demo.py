@@ -25,7 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.train_throughput import machine  # noqa: E402
+from bench.train_throughput import machine, write_results  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
 DOMAINS = ("medical", "legal", "finance")
@@ -104,9 +104,7 @@ def main() -> None:
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     name = "demo-cpu" if full else "demo-cpu-partial"
-    (args.output_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.output_dir / f"{name}.md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(args.output_dir / f"{name}.json", results, markdown(results))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ scorers' log-likelihoods and picks are compared too. Writes bench/results/eval-<
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.train_throughput import BENCH_MODEL, QUICK_MODEL, machine  # noqa: E402
+from bench.train_throughput import BENCH_MODEL, QUICK_MODEL, machine, write_results  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
 SAMPLES = REPO_ROOT / "data" / "samples"
@@ -160,10 +159,7 @@ def main(args: argparse.Namespace) -> None:
     results["load_average_at_end"] = os.getloadavg()[0]
     stem = f"eval-{results['machine']['device']}{'-quick' if args.quick else ''}"
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    report = markdown(results)
-    (args.output_dir / f"{stem}.md").write_text(report)
-    print(report)
+    write_results(args.output_dir / f"{stem}.json", results, markdown(results))
 
 
 if __name__ == "__main__":

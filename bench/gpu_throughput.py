@@ -41,6 +41,7 @@ from bench.train_throughput import (  # noqa: E402
     planner_on_cuda,
     ratios,
     side_by_side,
+    write_results,
 )
 from lora_recipes.measure import random_model  # noqa: E402
 from lora_recipes.memory import MODEL_CONFIGS  # noqa: E402
@@ -127,10 +128,7 @@ def main() -> int:
         results["load_average_at_end"] = os.getloadavg()[0]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.output_dir / f"{stem}.md").write_text(table)
-    print(table)
+    write_results(args.output_dir / f"{stem}.json", results, markdown(results))
     return 0
 
 

@@ -89,12 +89,12 @@ def machine(device: str) -> dict:
     }
 
 
-
 def write_results(output: Path, results: dict, table: str) -> None:
     """A benchmark's results: the JSON at `output`, its table beside it (.md), and the table printed."""
     output.write_text(json.dumps(results, indent=2) + "\n")
     output.with_suffix(".md").write_text(table)
     print(table)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1 + 2. Trainers side by side
@@ -499,10 +499,7 @@ def launch_only(device: str, repeats: int, output_dir: Path) -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"launch-{device}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = launch_markdown(results)
-    (output_dir / f"launch-{device}.md").write_text(table)
-    print(table)
+    write_results(output_dir / f"launch-{device}.json", results, launch_markdown(results))
 
 
 def main() -> None:
@@ -548,11 +545,8 @@ def main() -> None:
         results["load_average_at_end"] = os.getloadavg()[0]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.output_dir / f"{stem}.json", results, markdown(results))
     partial.unlink(missing_ok=True)
-    table = markdown(results)
-    (args.output_dir / f"{stem}.md").write_text(table)
-    print(table)
 
 
 if __name__ == "__main__":

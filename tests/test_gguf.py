@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, TINY_MODEL
 
-from bench import gguf_parity
+from bench import gguf_parity, llama_cpp_build
 from lora_recipes import gguf
 from lora_recipes.errors import RecipeError
 from lora_recipes.inference import (
@@ -92,9 +92,7 @@ def reference(merged_dir):
 
 def test_converters_come_from_the_pinned_sdist(converters):
     assert (converters / "convert_hf_to_gguf.py").is_file() and (converters / "gguf-py" / "gguf").is_dir()
-    pins = [line.split()[0] for line in (REPO_ROOT / "requirements-gguf.txt").read_text().splitlines()
-            if line and not line.startswith("#")]
-    assert gguf.LLAMA_CPP_PYTHON in pins
+    assert llama_cpp_build.requirement_line().split()[0] == gguf.LLAMA_CPP_PYTHON
     assert {"LlamaForCausalLM", "Qwen2ForCausalLM"} <= gguf.supported_architectures(converters)
 
 
@@ -480,8 +478,6 @@ def test_committed_parity_figures_meet_the_bounds():
 def test_committed_build_figures_are_for_the_pinned_requirement():
     """bench/results/llama-cpp-build-cpu.* timed the line requirements-gguf.txt has now: one compile, then pip's
     wheel cache, and the bindings imported."""
-    from bench import llama_cpp_build
-
     results = read_json(REPO_ROOT / "bench" / "results" / "llama-cpp-build-cpu.json")
     assert results["requirement"] == llama_cpp_build.requirement_line()
     assert results["installs"]["first"]["built"] and not results["installs"]["cached"]["built"]
